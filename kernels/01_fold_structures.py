@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""Stage 01: 12 structure predictions per RNA (6 folding sources x 37/50 C).
+
+For every train and test sequence: base-pairing probability matrix, dot-bracket structure and
+bpRNA-style loop types, stored in hash-keyed shards under work/structures/. Parallel over cores;
+an interrupted run resumes without refolding finished shards.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.stage import run_stage  # noqa: E402
+from src.structures import fold_key, fold_structures  # noqa: E402
+
+def main(argv=None) -> int:
+    return run_stage("01_fold_structures", __doc__, fold_key, fold_structures, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

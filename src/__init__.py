@@ -1,0 +1,1 @@
+"""Nucleic Transformer solution package: ingest, folding, features, models, training."""

@@ -1,0 +1,144 @@
+"""One configuration system for every stage: `configs/base.yaml`, a preset on top, CLI overrides last.
+
+    cfg = load_config("smoke", overrides=["fold.n_jobs=1"])
+    cfg.fold.n_jobs  # -> 1
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_PRESET = "cpu"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Config(dict):
+    """A dict whose keys also read as attributes (nested dicts included)."""
+
+    def __init__(self, data=None):
+        super().__init__()
+        for key, value in (data or {}).items():
+            self[key] = Config(value) if isinstance(value, dict) else value
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"config has no key {key!r}") from None
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(self))
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
+
+
+def _read_yaml(path: Path) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def _merge(base: dict, update: dict, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        name = f"{where}{key}"
+        if key not in out:
+            raise ConfigError(f"unknown config key '{name}'")
+        if isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _merge(out[key], value, f"{name}.")
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_override(text: str) -> dict:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not KEY=VALUE")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    nested: dict = value
+    for part in reversed(dotted.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None,
+                data_dir: str | None = None) -> Config:
+    path = CONFIG_DIR / f"{preset}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown preset '{preset}' (available: {', '.join(available_presets())})")
+    merged = _merge(_read_yaml(CONFIG_DIR / "base.yaml"), _read_yaml(path))
+    for text in overrides or []:
+        merged = _merge(merged, _parse_override(text))
+    merged["preset"] = preset
+    merged["data_dir"] = str(resolve_data_dir(data_dir))
+    return Config(merged)
+
+
+def resolve_data_dir(data_dir: str | None) -> Path:
+    """--data-dir, else $NT_DATA_DIR, else input/."""
+    chosen = data_dir or os.environ.get("NT_DATA_DIR") or str(REPO_ROOT / "input")
+    return Path(chosen).expanduser().resolve()
+
+
+def config_hash(section) -> str:
+    blob = json.dumps(section, sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:12]
+
+
+def git_commit() -> str:
+    """HEAD commit of the repository, suffixed '-dirty' when the tree has changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def stage_argparser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default=os.environ.get("NT_PRESET", DEFAULT_PRESET),
+                        help=f"config preset from configs/ (default: {DEFAULT_PRESET})")
+    parser.add_argument("--data-dir", default=None,
+                        help="raw data folder (default: $NT_DATA_DIR, then input/)")
+    parser.add_argument("--force", action="store_true", help="redo the stage even if its outputs are complete")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set fold.n_jobs=1 (repeatable)")
+    return parser
+
+
+def parse_stage_args(description: str, argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    args = stage_argparser(description).parse_args(argv)
+    return load_config(args.preset, args.overrides, args.data_dir), args
+
+
+class Paths:
+    """Where every stage reads and writes; relative config paths are under the repository root."""
+
+    def __init__(self, cfg: Config):
+        root = lambda p: (REPO_ROOT / p).resolve()  # noqa: E731  (absolute paths stay absolute)
+        self.input = root(cfg.paths.input)
+        self.work = root(cfg.paths.work)
+        self.run = self.work / cfg.preset  # per-preset caches and checkpoints
+        self.prepared = self.run / "prepared"
+        self.manifests = self.run / "manifests"
+        self.structures = root(cfg.paths.structures)  # keyed by sequence: shared by presets
+        self.oof = root(cfg.paths.oof)
+        self.submissions = root(cfg.paths.submissions)
+        self.figures = root(cfg.paths.figures)

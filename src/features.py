@@ -1,0 +1,26 @@
+"""Model inputs derived from sequences and structures."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+
+@lru_cache(maxsize=16)
+def covalent_distance_features(length: int) -> np.ndarray:
+    """(3, L, L) float32: 1/d, 1/d^2, 1/d^3 with d = |i - j| covalent bonds along the backbone (paper 2.2.4).
+
+    d is clipped to 1 on the diagonal, so a nucleotide counts as close to itself as to its
+    neighbours and every feature stays in [0, 1].
+    """
+    idx = np.arange(length)
+    inverse = 1.0 / np.maximum(np.abs(idx[:, None] - idx[None, :]), 1).astype(np.float32)
+    features = np.stack([inverse, inverse ** 2, inverse ** 3])
+    features.setflags(write=False)  # shared through the cache
+    return features
+
+
+def pair_features(bpp: np.ndarray) -> np.ndarray:
+    """(4, L, L) float32: the base-pairing probabilities stacked on the distance features (M in eq. 10)."""
+    bpp = np.asarray(bpp, dtype=np.float32)
+    return np.concatenate([bpp[None], covalent_distance_features(bpp.shape[-1])])

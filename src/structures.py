@@ -1,0 +1,188 @@
+"""Stage 01's store: 12 structure predictions per sequence, sharded by sequence hash.
+
+Layout: <structures>/<slot>/<bucket>.npz where a slot is one source at one temperature
+("contrafold_50C") and the bucket is the sequence hash modulo fold.buckets. A shard holds, per
+sequence key, `<key>.bpp` (float16 L x L; values under fold.bpp_min stored as 0),
+`<key>.structure` and `<key>.loop` (bpRNA-style loop types), plus `__meta__`. Shards are written
+atomically and grow by merging, so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from joblib import Parallel, delayed
+from tqdm.auto import tqdm
+
+from .folding import active_sources, make_source
+from .io_utils import read_npz, write_npz
+from .loop_types import loop_types
+
+META = "__meta__"
+
+
+def sequence_key(sequence: str) -> str:
+    return hashlib.sha1(sequence.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Slot:
+    source: str
+    temperature: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}_{self.temperature:g}C"
+
+
+def prediction_slots(fold_cfg) -> list[Slot]:
+    """The structure predictions per sequence, sources major: 6 sources x 2 temperatures = 12."""
+    return [Slot(s, float(t)) for s in active_sources(fold_cfg) for t in fold_cfg["temperatures"]]
+
+
+class StructureStore:
+    def __init__(self, root: str | Path, fold_cfg):
+        self.root = Path(root)
+        self.fold_cfg = dict(fold_cfg)
+        self.slots = prediction_slots(fold_cfg)
+        self.buckets = int(fold_cfg["buckets"])
+
+    def bucket(self, key: str) -> int:
+        return int(key, 16) % self.buckets
+
+    def shard_path(self, slot: Slot, bucket: int) -> Path:
+        return self.root / slot.name / f"{bucket:04d}.npz"
+
+    def shard_keys(self, path: Path) -> set[str]:
+        """Sequence keys a shard holds (reads only the zip directory); empty if absent or unreadable."""
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return {n[:-len(".bpp.npy")] for n in zf.namelist() if n.endswith(".bpp.npy")}
+        except (OSError, zipfile.BadZipFile):
+            return set()
+
+    def pending(self, sequences: list[str], force: bool = False) -> list[tuple[Slot, int, dict[str, str]]]:
+        """Work units (slot, bucket, {key: sequence}) still to fold."""
+        by_bucket: dict[int, dict[str, str]] = {}
+        for seq in sequences:
+            key = sequence_key(seq)
+            by_bucket.setdefault(self.bucket(key), {})[key] = seq
+        units = []
+        for bucket, wanted in sorted(by_bucket.items()):
+            for slot in self.slots:
+                done = set() if force else self.shard_keys(self.shard_path(slot, bucket))
+                todo = {k: s for k, s in wanted.items() if k not in done}
+                if todo:
+                    units.append((slot, bucket, todo))
+        return units
+
+    def shard_paths(self, sequences: list[str]) -> list[Path]:
+        buckets = sorted({self.bucket(sequence_key(s)) for s in sequences})
+        return [self.shard_path(slot, b) for b in buckets for slot in self.slots]
+
+    def load(self, sequences: list[str]) -> dict[str, dict]:
+        """{key: {"bpp": (n_slots, L, L) float16, "structure": [...], "loop": [...]}} for each sequence."""
+        keys = {sequence_key(s) for s in sequences}
+        by_bucket: dict[int, set[str]] = {}
+        for key in keys:
+            by_bucket.setdefault(self.bucket(key), set()).add(key)
+        out = {k: {"bpp": [], "structure": [], "loop": []} for k in keys}
+        for bucket, bucket_keys in by_bucket.items():
+            for slot in self.slots:
+                path = self.shard_path(slot, bucket)
+                with np.load(path, allow_pickle=False) as shard:
+                    for key in bucket_keys:
+                        if f"{key}.bpp" not in shard.files:
+                            raise KeyError(f"{path} lacks sequence {key}: run stage 01 (fold_structures)")
+                        out[key]["bpp"].append(shard[f"{key}.bpp"])
+                        out[key]["structure"].append(str(shard[f"{key}.structure"]))
+                        out[key]["loop"].append(str(shard[f"{key}.loop"]))
+        for entry in out.values():
+            entry["bpp"] = np.stack(entry["bpp"])
+        return out
+
+    def fold_unit(self, slot: Slot, bucket: int, todo: dict[str, str], meta: dict) -> tuple[str, int, float]:
+        """Fold the missing sequences of one shard and write it back merged. Runs in a worker."""
+        start = time.time()
+        path = self.shard_path(slot, bucket)
+        arrays = read_npz(path) if self.shard_keys(path) else {}
+        source = make_source(slot.source, self.fold_cfg)
+        keys = sorted(todo)
+        for key, pred in zip(keys, source.fold([todo[k] for k in keys], slot.temperature)):
+            bpp = np.where(pred.bpp >= self.fold_cfg["bpp_min"], pred.bpp, 0).astype(np.float16)
+            arrays[f"{key}.bpp"] = bpp
+            arrays[f"{key}.structure"] = np.array(pred.structure)
+            arrays[f"{key}.loop"] = np.array(loop_types(pred.structure))
+        shard_meta = {**meta, "slot": slot.name, "source_version": source.version(),
+                      "decoding": source.decoding, "has_temperature": source.has_temperature}
+        arrays[META] = np.array(json.dumps(shard_meta, sort_keys=True))
+        write_npz(path, arrays)
+        return slot.name, len(todo), time.time() - start
+
+    def fold_all(self, sequences: list[str], meta: dict, n_jobs: int = -1, force: bool = False) -> dict:
+        """Fold every (slot, sequence) not yet stored; returns per-slot sequences/s of this run."""
+        for leftover in self.root.glob("*/.*.tmp"):  # from a run killed mid-write
+            leftover.unlink(missing_ok=True)
+        units = self.pending(sequences, force)
+        stats: dict[str, list[float]] = {}
+        if units:
+            jobs = (delayed(self.fold_unit)(slot, bucket, todo, meta) for slot, bucket, todo in units)
+            results = Parallel(n_jobs=n_jobs, return_as="generator_unordered")(jobs)
+            for slot_name, count, seconds in tqdm(results, total=len(units), desc="fold shards", unit="shard"):
+                acc = stats.setdefault(slot_name, [0, 0.0])
+                acc[0] += count
+                acc[1] += seconds
+        return {"units_folded": len(units),
+                "seq_per_s_per_core": {k: round(n / max(s, 1e-9), 1) for k, (n, s) in sorted(stats.items())}}
+
+
+# ---------------------------------------------------------------- stage 01
+
+def prepared_sequences(cfg) -> tuple[list[str], dict[str, str]]:
+    """Unique sequences of the prepared train + test tables, and one example id per split."""
+    from .config import Paths
+    from .io_utils import read_pickle
+    from .stage import InputError
+
+    paths = Paths(cfg)
+    frames = {}
+    for split in ("train", "test"):
+        file = paths.prepared / f"{split}.pkl"
+        if not file.exists():
+            raise InputError(file, "not found: run stage 00 (prepare_input) first")
+        frames[split] = read_pickle(file)
+    sequences = sorted(set(frames["train"].sequence) | set(frames["test"].sequence))
+    examples = {split: frame.iloc[0] for split, frame in frames.items() if len(frame)}
+    return sequences, examples
+
+
+def _fold_settings(cfg) -> dict:
+    return {k: v for k, v in dict(cfg.fold).items() if k != "n_jobs"}
+
+
+def fold_key(cfg) -> dict:
+    sequences, _ = prepared_sequences(cfg)
+    digest = hashlib.sha1("\n".join(sequences).encode()).hexdigest()
+    return {"fold": _fold_settings(cfg), "sequences_sha1": digest, "structures": str(cfg.paths.structures)}
+
+
+def fold_structures(cfg, force: bool = False) -> tuple[list[Path], dict]:
+    from .config import Paths, git_commit
+    from .plots import plot_structure_predictions
+
+    paths = Paths(cfg)
+    sequences, examples = prepared_sequences(cfg)
+    store = StructureStore(paths.structures, cfg.fold)
+    meta = {"git_commit": git_commit(), "fold": _fold_settings(cfg)}
+    speed = store.fold_all(sequences, meta, n_jobs=cfg.fold.n_jobs, force=force)
+    example = examples.get("test", examples.get("train"))
+    figure = paths.figures / "01_structure_predictions.png"
+    record = store.load([example.sequence])[sequence_key(example.sequence)]
+    plot_structure_predictions(figure, example.id, example.sequence, [s.name for s in store.slots], record)
+    summary = {"sequences": len(sequences), "slots": len(store.slots), **speed}
+    return store.shard_paths(sequences) + [figure], summary

@@ -1,0 +1,85 @@
+"""Shared fixtures: real slices of the data bundle, isolated workspaces, kernel runners."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def find_data_dir() -> Path:
+    """$NT_DATA_DIR, else ../shared/data beside the checkout, else input/."""
+    candidates = [os.environ.get("NT_DATA_DIR"), REPO.parent / "shared" / "data", REPO / "input"]
+    for candidate in filter(None, candidates):
+        if (Path(candidate) / "openvaccine" / "train.json").exists():
+            return Path(candidate)
+    pytest.fail("no OpenVaccine data: set NT_DATA_DIR to the data bundle (see README)")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return find_data_dir()
+
+
+def read_rows(data_dir: Path, split: str, n: int | None = None) -> list[dict]:
+    rows = []
+    with open(data_dir / "openvaccine" / f"{split}.json") as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if n is not None and len(rows) == n:
+                break
+    return rows
+
+
+@pytest.fixture(scope="session")
+def train_rows(data_dir) -> list[dict]:
+    return read_rows(data_dir, "train", 12)
+
+
+@pytest.fixture(scope="session")
+def test_rows(data_dir) -> list[dict]:
+    """Six public (107 nt) and six private (130 nt) test rows."""
+    rows = read_rows(data_dir, "test")
+    return [r for r in rows if r["seq_length"] == 107][:6] + [r for r in rows if r["seq_length"] == 130][:6]
+
+
+def write_json_lines(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path, train_rows, test_rows) -> Path:
+    """A data folder in our bundle layout holding a dozen real train and test rows."""
+    folder = tmp_path / "data"
+    write_json_lines(folder / "openvaccine" / "train.json", train_rows)
+    write_json_lines(folder / "openvaccine" / "test.json", test_rows)
+    return folder
+
+
+def isolated(workspace: Path) -> list[str]:
+    """--set overrides that send every artifact of a stage into `workspace`."""
+    sets = []
+    for key in ("input", "work", "structures", "oof", "submissions", "figures"):
+        sets += ["--set", f"paths.{key}={workspace / key}"]
+    return sets
+
+
+def load_kernel(name: str):
+    spec = importlib.util.spec_from_file_location(f"kernel_{name}", REPO / "kernels" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(args: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, **kwargs)

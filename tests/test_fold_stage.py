@@ -1,0 +1,100 @@
+"""Stage 01 end to end: store contents, resume after a kill, identical files."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+from conftest import REPO, isolated, load_kernel
+from src.config import load_config
+from src.io_utils import read_npz
+from src.structures import StructureStore, sequence_key
+
+prepare = load_kernel("00_prepare_input")
+
+
+def prepared_workspace(data_dir, workspace):
+    assert prepare.main(["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace)]) == 0
+
+
+def fold_command(workspace):
+    return [sys.executable, str(REPO / "kernels" / "01_fold_structures.py"), "--preset", "smoke",
+            *isolated(workspace), "--set", "fold.n_jobs=2"]
+
+
+def shard_files(workspace):
+    return sorted((workspace / "structures").rglob("*.npz"))
+
+
+def store_for(workspace):
+    cfg = load_config("smoke", overrides=[f"paths.structures={workspace / 'structures'}"])
+    return StructureStore(workspace / "structures", cfg.fold)
+
+
+def test_interrupted_fold_resumes_to_identical_files(tiny_data_dir, tmp_path):
+    interrupted, clean = tmp_path / "interrupted", tmp_path / "clean"
+    for workspace in (interrupted, clean):
+        prepared_workspace(tiny_data_dir, workspace)
+
+    proc = subprocess.Popen(fold_command(interrupted), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(shard_files(interrupted)) < 60 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shard_files(interrupted)}
+    assert 60 <= len(done_before) < 250, "the kill should land mid-way"
+    for path in done_before:
+        assert store_for(interrupted).shard_keys(path), f"{path} is not a readable shard"
+
+    for workspace in (interrupted, clean):
+        subprocess.run(fold_command(workspace), cwd=REPO, check=True, capture_output=True)
+
+    for path, stamp in done_before.items():
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == stamp, f"{path} was recomputed"
+    finished = shard_files(interrupted)
+    assert [p.relative_to(interrupted) for p in finished] == [p.relative_to(clean) for p in shard_files(clean)]
+    for path in finished:
+        assert path.read_bytes() == (clean / path.relative_to(interrupted)).read_bytes(), path
+    assert not list((interrupted / "structures").rglob("*.tmp"))
+
+
+def test_store_holds_twelve_predictions_per_sequence(tiny_data_dir, tmp_path):
+    workspace = tmp_path / "ws"
+    prepared_workspace(tiny_data_dir, workspace)
+    fold = load_kernel("01_fold_structures")
+    assert fold.main(["--preset", "smoke", *isolated(workspace)]) == 0
+    test = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
+    store = store_for(workspace)
+    record = store.load(list(test.sequence))[sequence_key(test.sequence[7])]
+    length = len(test.sequence[7])
+    assert record["bpp"].shape == (12, length, length) and record["bpp"].dtype == np.float16
+    assert len(record["structure"]) == 12 and all(len(s) == length for s in record["loop"])
+    assert set("".join(record["loop"])) <= set("SHBIMXE")
+    assert (workspace / "figures" / "01_structure_predictions.png").stat().st_size > 10_000
+    assert store.pending(list(test.sequence)) == []
+
+
+def test_unreadable_shard_is_refolded(tiny_data_dir, tmp_path):
+    workspace = tmp_path / "ws"
+    prepared_workspace(tiny_data_dir, workspace)
+    subprocess.run(fold_command(workspace), cwd=REPO, check=True, capture_output=True)
+    store = store_for(workspace)
+    sequences = list(pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl").sequence)
+    victim = shard_files(workspace)[5]
+    original = read_npz(victim)
+    victim.write_bytes(b"not a zip file")
+    pending = store.pending(sequences)
+    assert [store.shard_path(slot, bucket) for slot, bucket, _ in pending] == [victim]
+    store.fold_all(sequences, meta=json.loads(str(original["__meta__"])), n_jobs=1)
+    refolded = read_npz(victim)
+    assert sorted(refolded) == sorted(original)
+    for name in original:
+        assert np.array_equal(refolded[name], original[name]), name
