@@ -5,6 +5,24 @@ from functools import lru_cache
 
 import numpy as np
 
+# Vocabularies; token 0 of each is NULL (masked or unknown), letters start at 1.
+SEQUENCE_TOKENS = "ACGU"
+STRUCTURE_TOKENS = "()."
+LOOP_TOKENS = "SHBIMXE"
+NULL_TOKEN = 0
+
+
+def tokenize(text: str, alphabet: str) -> np.ndarray:
+    """Letters to token ids 1..len(alphabet); raises ValueError naming the first foreign letter."""
+    table = np.zeros(256, dtype=np.int64)
+    table[np.frombuffer(alphabet.encode(), dtype=np.uint8)] = np.arange(1, len(alphabet) + 1)
+    codes = np.frombuffer(text.encode(), dtype=np.uint8)
+    tokens = table[codes]
+    if (tokens == 0).any():
+        position = int(np.argmax(tokens == 0))
+        raise ValueError(f"character {text[position]!r} at position {position} is not one of '{alphabet}'")
+    return tokens
+
 
 @lru_cache(maxsize=16)
 def covalent_distance_features(length: int) -> np.ndarray:

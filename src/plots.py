@@ -38,3 +38,59 @@ def plot_structure_predictions(path, seq_id: str, sequence: str, slot_names: lis
         ax.axis("off")
     fig.suptitle(f"{seq_id} ({len(sequence)} nt): base-pairing probabilities; red = predicted structure")
     save_figure(fig, path)
+
+
+def plot_learning_curves(path, model_name: str, histories: list[list[dict]]) -> None:
+    """Train loss and validation MCRMSE per epoch, one line per fold."""
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for fold, history in enumerate(histories):
+        epochs = [h["epoch"] for h in history]
+        loss_ax.plot(epochs, [h["train_loss"] for h in history], label=f"fold {fold}")
+        val_ax.plot(epochs, [h["mcrmse_scored"] for h in history], label=f"fold {fold}")
+    loss_ax.set(title="training loss (error-weighted MSE)", xlabel="epoch", yscale="log")
+    val_ax.set(title="validation MCRMSE (3 scored columns, SN_filter = 1)", xlabel="epoch")
+    val_ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(model_name)
+    save_figure(fig, path)
+
+
+def plot_oof_error(path, model_name: str, data, oof: dict, frame) -> None:
+    """OOF RMSE (mean over the 3 scored columns) by position and by the competition's loop type."""
+    from .train import SCORED_COLUMNS
+
+    rows = [i for i in range(len(data)) if data.sn_filter[i] == 1]
+    errors = [(oof[i][:data.seq_scored[i]] - data.targets[i])[:, SCORED_COLUMNS] ** 2 for i in rows]
+    width = max(len(e) for e in errors)
+    by_position = [np.sqrt(np.mean([e[p] for e in errors if len(e) > p], axis=0)).mean() for p in range(width)]
+    loops = "".join(frame.loop.iloc[i][:data.seq_scored[i]] for i in rows)
+    stacked = np.concatenate(errors)
+    letters = sorted(set(loops))
+    by_loop = [np.sqrt(stacked[np.array(list(loops)) == ch].mean(axis=0)).mean() for ch in letters]
+    counts = [loops.count(ch) for ch in letters]
+    fig, (pos_ax, loop_ax) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2.2, 1]})
+    pos_ax.plot(range(width), by_position, marker=".")
+    pos_ax.set(title="OOF RMSE by position", xlabel="position", ylabel="RMSE (mean of scored columns)")
+    bars = loop_ax.bar(letters, by_loop, color="tab:orange")
+    loop_ax.bar_label(bars, labels=[f"n={c}" for c in counts], fontsize=7)
+    loop_ax.set(title="OOF RMSE by loop type", xlabel="loop type (bpRNA)")
+    fig.suptitle(f"{model_name}: out-of-fold error, SN_filter = 1 rows")
+    save_figure(fig, path)
+
+
+def plot_attention(path, model, data, index: int, device) -> None:
+    """Last-layer attention (mean over heads) of one sequence beside its mean BPP (paper Fig. 13)."""
+    from .dataset import collate
+
+    slots = np.arange(data.n_slots)
+    inputs = collate(data, np.full(data.n_slots, index), slots, device)
+    attention = model.attention_maps(**inputs)[-1].float().mean(dim=(0, 1)).cpu().numpy()
+    pair = inputs["pair_features"][:, :2].mean(dim=0).cpu().numpy()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.3))
+    for ax, image, title in zip(axes, [pair[0], pair[0] + pair[1], attention],
+                                ["BPP (mean of structure predictions)", "BPP + 1/d",
+                                 "attention, last layer (mean of heads and structures)"]):
+        shown = ax.imshow(image, cmap="viridis")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(shown, ax=ax, fraction=0.046)
+    fig.suptitle(f"{data.ids[index]}")
+    save_figure(fig, path)

@@ -1,0 +1,86 @@
+"""OpenVaccine tensors: every RNA with its 12 structure predictions, batched by length."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS, covalent_distance_features, tokenize
+from .structures import StructureStore, sequence_key
+
+
+@dataclass
+class RNATensors:
+    ids: list[str]
+    sequence: list[np.ndarray]  # (L,) token ids
+    structure: list[np.ndarray]  # (n_slots, L) token ids, one row per structure prediction
+    loop: list[np.ndarray]  # (n_slots, L)
+    bpp: list[np.ndarray]  # (n_slots, L, L) float16
+    seq_scored: np.ndarray
+    targets: list[np.ndarray] | None = None  # (seq_scored, 5)
+    errors: list[np.ndarray] | None = None
+    signal_to_noise: np.ndarray | None = None
+    sn_filter: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(s) for s in self.sequence])
+
+    @property
+    def n_slots(self) -> int:
+        return self.bpp[0].shape[0]
+
+
+def load_rna_tensors(frame: pd.DataFrame, store: StructureStore) -> RNATensors:
+    records = store.load(list(frame.sequence))
+    rows = [records[sequence_key(s)] for s in frame.sequence]
+    labelled = "targets" in frame
+    return RNATensors(
+        ids=list(frame.id),
+        sequence=[tokenize(s, SEQUENCE_TOKENS) for s in frame.sequence],
+        structure=[np.stack([tokenize(s, STRUCTURE_TOKENS) for s in r["structure"]]) for r in rows],
+        loop=[np.stack([tokenize(s, LOOP_TOKENS) for s in r["loop"]]) for r in rows],
+        bpp=[r["bpp"] for r in rows],
+        seq_scored=frame.seq_scored.to_numpy(),
+        targets=list(frame.targets) if labelled else None,
+        errors=list(frame.errors) if labelled else None,
+        signal_to_noise=frame.signal_to_noise.to_numpy() if labelled else None,
+        sn_filter=frame.SN_filter.to_numpy() if labelled else None,
+    )
+
+
+def length_batches(lengths: np.ndarray, indices: np.ndarray, batch_size: int,
+                   rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Batches of equal-length sequences (no padding); shuffled within and across lengths when rng is given."""
+    batches = []
+    for length in np.unique(lengths[indices]):
+        group = indices[lengths[indices] == length]
+        if rng is not None:
+            group = rng.permutation(group)
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def collate(data: RNATensors, indices: np.ndarray, slots: np.ndarray, device: torch.device,
+            with_labels: bool = False) -> dict[str, torch.Tensor]:
+    """Model inputs for samples `indices`, each with structure prediction `slots[i]`."""
+    length = len(data.sequence[indices[0]])
+    bpp = torch.from_numpy(np.stack([data.bpp[i][s] for i, s in zip(indices, slots)]).astype(np.float32))
+    distance = torch.from_numpy(covalent_distance_features(length).copy()).expand(len(indices), -1, -1, -1)
+    batch = {
+        "sequence": torch.from_numpy(np.stack([data.sequence[i] for i in indices])),
+        "structure": torch.from_numpy(np.stack([data.structure[i][s] for i, s in zip(indices, slots)])),
+        "loop": torch.from_numpy(np.stack([data.loop[i][s] for i, s in zip(indices, slots)])),
+        "pair_features": torch.cat([bpp[:, None], distance], dim=1),
+    }
+    if with_labels:
+        batch["targets"] = torch.from_numpy(np.stack([data.targets[i] for i in indices]))
+        batch["errors"] = torch.from_numpy(np.stack([data.errors[i] for i in indices]))
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,1 @@
+"""Model zoo: the Nucleic Transformer (OpenVaccine variant) and, later, the classification models."""

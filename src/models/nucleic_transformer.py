@@ -1,0 +1,131 @@
+"""Nucleic Transformer for per-nucleotide RNA property prediction (He et al. 2021, sections 2.2 and 3.3).
+
+A stack of single-layer Nucleic Transformers with kernel sizes k = nlayer, nlayer - 1, ..., 1. Each
+one turns nucleotides into k-mers (1-D convolution without padding + LayerNorm), lets the k-mers
+attend to each other with an additive bias gamma * conv2d_k(M) from the pair representation M
+(base-pairing probabilities and inverse covalent distances, eq. 10), and maps back to nucleotides
+with a transposed convolution. Both the nucleotide (1-D) and the pair (2-D) representations carry
+residual paths through the stack. No positional encoding: the distance channels carry position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS
+
+PAIR_INPUT_CHANNELS = 4  # BPP, 1/d, 1/d^2, 1/d^3
+
+
+@dataclass
+class NTConfig:
+    nlayer: int = 5
+    d_model: int = 256
+    nhead: int = 32
+    dim_ff: int = 1024
+    dropout: float = 0.1
+    embed_dim: int = 64
+    pair_channels: int = 8
+    n_outputs: int = 5
+
+
+class KmerAttention(nn.Module):
+    """Multi-head self-attention over k-mers with a per-head additive bias on the logits."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float):
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
+        self.nhead = nhead
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, need_weights: bool = False):
+        batch, length, d_model = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
+        bias = bias.to(q.dtype)
+        if need_weights:  # explicit path, only for plots
+            scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + bias
+            weights = scores.softmax(dim=-1)
+            context = weights @ v
+        else:
+            weights = None
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                     dropout_p=self.dropout if self.training else 0.0)
+        context = context.transpose(1, 2).reshape(batch, length, d_model)
+        return self.out(context), weights
+
+
+class NucleicTransformerLayer(nn.Module):
+    """One single-layer Nucleic Transformer with k-mer size k (Fig. 3)."""
+
+    def __init__(self, cfg: NTConfig, k: int):
+        super().__init__()
+        d, c = cfg.d_model, cfg.pair_channels
+        self.kmer_conv = nn.Conv1d(d, d, k)
+        self.kmer_norm = nn.LayerNorm(d)
+        self.pair_conv = nn.Conv2d(c, c, k)  # nucleotide pairs -> k-mer pairs
+        self.pair_to_bias = nn.Conv2d(c, cfg.nhead, 1)
+        self.gamma = nn.Parameter(torch.ones(1))
+        self.attention = KmerAttention(d, cfg.nhead, cfg.dropout)
+        self.attn_norm = nn.LayerNorm(d)
+        self.feed_forward = nn.Sequential(nn.Linear(d, cfg.dim_ff), nn.ReLU(), nn.Dropout(cfg.dropout),
+                                          nn.Linear(cfg.dim_ff, d))
+        self.ff_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.deconv = nn.ConvTranspose1d(d, d, k)  # k-mers -> nucleotides
+        self.pair_deconv = nn.ConvTranspose2d(c, c, k)
+        self.out_norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor, pair: torch.Tensor, need_weights: bool = False):
+        kmers = self.kmer_norm(self.kmer_conv(x.transpose(1, 2)).transpose(1, 2))
+        kmer_pairs = F.relu(self.pair_conv(pair))
+        bias = self.gamma * self.pair_to_bias(kmer_pairs)
+        attended, weights = self.attention(kmers, bias, need_weights)
+        kmers = self.attn_norm(kmers + self.dropout(attended))
+        kmers = self.ff_norm(kmers + self.dropout(self.feed_forward(kmers)))
+        x = self.out_norm(x + self.deconv(kmers.transpose(1, 2)).transpose(1, 2))
+        pair = pair + self.pair_deconv(kmer_pairs)
+        return x, pair, weights
+
+
+class NucleicTransformer(nn.Module):
+    """Inputs: token ids (B, L) of sequence, structure and loop type, and pair features (B, 4, L, L).
+    Output: (B, L, n_outputs)."""
+
+    def __init__(self, cfg: NTConfig):
+        super().__init__()
+        self.cfg = cfg
+        e = cfg.embed_dim
+        self.sequence_embedding = nn.Embedding(len(SEQUENCE_TOKENS) + 1, e)
+        self.structure_embedding = nn.Embedding(len(STRUCTURE_TOKENS) + 1, e)
+        self.loop_embedding = nn.Embedding(len(LOOP_TOKENS) + 1, e)
+        self.project = nn.Linear(3 * e, cfg.d_model)
+        self.pair_in = nn.Conv2d(PAIR_INPUT_CHANNELS, cfg.pair_channels, 1)
+        self.layers = nn.ModuleList(NucleicTransformerLayer(cfg, k) for k in range(cfg.nlayer, 0, -1))
+        self.head = nn.Linear(cfg.d_model, cfg.n_outputs)
+
+    def encode(self, sequence, structure, loop, pair_features, need_weights: bool = False):
+        x = torch.cat([self.sequence_embedding(sequence), self.structure_embedding(structure),
+                       self.loop_embedding(loop)], dim=-1)
+        x = self.project(x)
+        pair = self.pair_in(pair_features)
+        attention = []
+        for layer in self.layers:
+            x, pair, weights = layer(x, pair, need_weights)
+            attention.append(weights)
+        return x, attention
+
+    def forward(self, sequence, structure, loop, pair_features):
+        x, _ = self.encode(sequence, structure, loop, pair_features)
+        return self.head(x)
+
+    @torch.no_grad()
+    def attention_maps(self, sequence, structure, loop, pair_features) -> list[torch.Tensor]:
+        """Attention weights of every layer, (B, nhead, L-k+1, L-k+1) each; the last is per nucleotide."""
+        _, attention = self.encode(sequence, structure, loop, pair_features, need_weights=True)
+        return attention

@@ -1,0 +1,169 @@
+"""OpenVaccine stages built on the training loop: K-fold training with OOF scoring (stage 03) and test
+prediction into a Kaggle submission (stage 06)."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import Config, Paths, config_hash
+from .data import TARGETS
+from .dataset import load_rna_tensors
+from .io_utils import read_pickle, write_json, write_pickle
+from .metrics import columnwise_rmse
+from .stage import InputError, artifact_meta
+from .structures import StructureStore
+from .submission import check_submission, predictions_frame, write_csv
+from .train import (SCORED_COLUMNS, build_model, configure_threads, predict, resolve_device, score_rows,
+                    train_fold)
+
+
+def read_prepared(cfg: Config, split: str) -> pd.DataFrame:
+    path = Paths(cfg).prepared / f"{split}.pkl"
+    if not path.exists():
+        raise InputError(path, "not found: run stage 00 (prepare_input) first")
+    return read_pickle(path)
+
+
+def ensure_folds(path: Path, ids: list[str], n_folds: int, seed: int) -> np.ndarray:
+    """Fold of every training row, made once (KFold, shuffled by seed) and shared by every model."""
+    from sklearn.model_selection import KFold
+
+    if path.exists():
+        saved = pd.read_csv(path)
+        if list(saved.id) != list(ids) or saved.fold.nunique() != n_folds:
+            raise InputError(path, f"holds folds for other rows or another K (wanted K={n_folds} over "
+                             f"{len(ids)} rows): move it away to make new folds")
+        return saved.fold.to_numpy()
+    folds = np.zeros(len(ids), dtype=np.int64)
+    for fold, (_, val) in enumerate(KFold(n_folds, shuffle=True, random_state=seed).split(ids)):
+        folds[val] = fold
+    from .io_utils import atomic_path
+    with atomic_path(path) as tmp:
+        pd.DataFrame({"id": ids, "fold": folds}).to_csv(tmp, index=False)
+    return folds
+
+
+def model_dir(cfg: Config) -> Path:
+    return Paths(cfg).run / "models" / cfg.model.name
+
+
+def training_settings(cfg: Config) -> dict:
+    return {"model": dict(cfg.model), "train": {k: v for k, v in dict(cfg.train).items()
+                                                if k not in ("device", "threads", "eval_batch_size")},
+            "seed": cfg.seed, "fold": {k: v for k, v in dict(cfg.fold).items() if k != "n_jobs"}}
+
+
+def _claim_model_dir(cfg: Config, force: bool) -> Path:
+    """The model's checkpoint folder, refusing to resume checkpoints made under other settings."""
+    folder = model_dir(cfg)
+    stamp = folder / "settings.json"
+    wanted = config_hash(training_settings(cfg))
+    if force and folder.exists():
+        shutil.rmtree(folder)
+    if stamp.exists() and json.loads(stamp.read_text())["hash"] != wanted:
+        raise InputError(folder, "holds checkpoints trained with other settings: rerun with --force "
+                         "to start over, or set model.name to train a new model beside it")
+    write_json(stamp, {"hash": wanted, **training_settings(cfg)})
+    return folder
+
+
+def train_key(cfg: Config) -> dict:
+    prepared = Paths(cfg).prepared / "meta.json"
+    return {**training_settings(cfg), "prepared": prepared.read_text() if prepared.exists() else None}
+
+
+def train_folds(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
+    from .plots import plot_attention, plot_learning_curves, plot_oof_error
+
+    start = time.time()
+    paths, tc = Paths(cfg), cfg.train
+    configure_threads(tc.threads)
+    device = resolve_device(tc.device)
+    frame = read_prepared(cfg, "train")
+    data = load_rna_tensors(frame, StructureStore(paths.structures, cfg.fold))
+    folds = ensure_folds(paths.oof / "folds.csv", list(frame.id), tc.folds, cfg.seed)
+    folder = _claim_model_dir(cfg, force)
+    init = Path(tc.init_weights) if tc.init_weights else None
+    trainable = data.signal_to_noise > tc.noise_filter
+    results = []
+    for fold in range(tc.folds):
+        train_idx = np.flatnonzero((folds != fold) & trainable)
+        val_idx = np.flatnonzero(folds == fold)
+        results.append(train_fold(cfg, data, fold, train_idx, val_idx, folder / f"fold{fold}", device, init))
+    oof = {i: p for r in results for i, p in r["oof"].items()}
+    name = cfg.model.name
+    oof_csv = paths.oof / f"{name}.csv"
+    write_csv(oof_csv, predictions_frame([data.ids[i] for i in range(len(data))],
+                                         [oof[i] for i in range(len(data))], list(data.seq_scored)))
+    cv = cv_report(data, oof, results, frame)
+    cv.update(model=name, wall_time_s=round(time.time() - start, 1), device=str(device), **artifact_meta(cfg))
+    cv_json = paths.oof / f"{name}_cv.json"
+    write_json(cv_json, cv)
+    figures = [paths.figures / f"{name}_learning_curves.png", paths.figures / f"{name}_oof_error.png",
+               paths.figures / f"{name}_attention.png"]
+    plot_learning_curves(figures[0], name, [r["history"] for r in results])
+    plot_oof_error(figures[1], name, data, oof, frame)
+    model = build_model(cfg.model).to(device)
+    model.load_state_dict(torch.load(folder / "fold0" / "best.pt", map_location=device, weights_only=True)["model"])
+    plot_attention(figures[2], model, data, int(results[0]["val_idx"][0]), device)
+    summary = {"oof_mcrmse_scored": round(cv["mcrmse_scored"], 5), "oof_mcrmse_all5": round(cv["mcrmse_all5"], 5)}
+    return [oof_csv, cv_json, paths.oof / "folds.csv", *figures], summary
+
+
+def cv_report(data, oof: dict, results: list[dict], frame: pd.DataFrame) -> dict:
+    """OOF MCRMSE on SN_filter == 1 rows: 3 scored columns and all 5, overall and per fold."""
+    scored = np.flatnonzero(data.sn_filter == 1)
+    truth = np.concatenate([data.targets[i] for i in scored])
+    pred = np.concatenate([oof[i][:data.seq_scored[i]] for i in scored])
+    per_fold = []
+    for r in results:
+        rows = np.asarray([i for i in r["val_idx"] if data.sn_filter[i] == 1])
+        per_fold.append({"fold": r["fold"], "best_epoch": r["best_epoch"], "n_scored_rows": len(rows),
+                         **score_rows(data, oof, rows)})
+    overall = score_rows(data, oof, scored)
+    return {**overall, "n_scored_rows": len(scored), "n_rows": len(data),
+            "rmse_per_column": dict(zip(TARGETS, columnwise_rmse(truth, pred).round(5).tolist())),
+            "scored_columns": [TARGETS[c] for c in SCORED_COLUMNS], "per_fold": per_fold}
+
+
+def predict_key(cfg: Config) -> dict:
+    cv = Paths(cfg).oof / f"{cfg.model.name}_cv.json"
+    return {"cv": json.loads(cv.read_text()).get("git_commit") if cv.exists() else None,
+            "settings": training_settings(cfg), "prepared": train_key(cfg)["prepared"]}
+
+
+def predict_test(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
+    """Average the best checkpoint of every fold over the test set; write and check the submission."""
+    paths, tc = Paths(cfg), cfg.train
+    configure_threads(tc.threads)
+    device = resolve_device(tc.device)
+    folder = model_dir(cfg)
+    checkpoints = [folder / f"fold{f}" / "best.pt" for f in range(tc.folds)]
+    missing = [c for c in checkpoints if not c.exists()]
+    if missing:
+        raise InputError(missing[0], "not found: run stage 03 (train_folds) first")
+    test = read_prepared(cfg, "test")
+    data = load_rna_tensors(test, StructureStore(paths.structures, cfg.fold))
+    everything = np.arange(len(data))
+    fold_predictions = []
+    for fold, checkpoint in enumerate(checkpoints):
+        cache = checkpoint.parent / "test_pred.pkl"
+        if cache.exists() and not force:
+            fold_predictions.append(read_pickle(cache))
+            continue
+        model = build_model(cfg.model).to(device)
+        model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["model"])
+        pred = predict(model, data, everything, device, tc.eval_batch_size, tc.bf16, desc=f"test fold {fold}")
+        write_pickle(cache, pred)
+        fold_predictions.append(pred)
+    mean = [np.mean([p[i] for p in fold_predictions], axis=0) for i in everything]
+    submission = paths.submissions / f"{cfg.model.name}.csv"
+    write_csv(submission, predictions_frame(list(data.ids), mean, [len(s) for s in data.sequence]))
+    rows = check_submission(submission, test)
+    return [submission], {"rows": rows, "folds_averaged": len(checkpoints)}

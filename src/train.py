@@ -1,0 +1,171 @@
+"""The training loop: one fold of the Nucleic Transformer, resumable epoch by epoch, and inference
+averaged over the structure predictions."""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .dataset import RNATensors, collate, length_batches
+from .io_utils import atomic_path, read_pickle, write_pickle
+from .losses import error_weighted_mse
+from .metrics import mcrmse
+from .models.nucleic_transformer import NTConfig, NucleicTransformer
+
+SCORED_COLUMNS = [0, 1, 3]  # reactivity, deg_Mg_pH10, deg_Mg_50C among the 5 targets
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def configure_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def build_model(model_cfg) -> NucleicTransformer:
+    fields = NTConfig.__dataclass_fields__
+    return NucleicTransformer(NTConfig(**{k: v for k, v in dict(model_cfg).items() if k in fields}))
+
+
+def make_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
+    """Ranger (RAdam + Lookahead + gradient centralization), paper 2.3.1; adabelief=true for RangerAdaBelief."""
+    import contextlib
+    import io
+
+    from ranger_adabelief import RangerAdaBelief
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a banner per instance
+        return RangerAdaBelief(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                               use_gc=True, adabelief=bool(train_cfg.adabelief))
+
+
+def flat_then_cosine(optimizer, total_steps: int, flat_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Flat learning rate, then cosine annealing to 0 over the last (1 - flat_fraction) of the steps."""
+    flat_steps = int(total_steps * flat_fraction)
+
+    def factor(step: int) -> float:
+        if step < flat_steps:
+            return 1.0
+        progress = (step - flat_steps) / max(1, total_steps - flat_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def _epoch_seed(seed: int, fold: int, epoch: int) -> int:
+    """Each epoch draws from its own seed, so a run resumed at an epoch boundary matches an uninterrupted one."""
+    return (seed * 1_000_003 + fold * 10_007 + epoch) % 2**31
+
+
+@torch.no_grad()
+def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, device: torch.device,
+            batch_size: int, bf16: bool = False, desc: str = "predict") -> dict[int, np.ndarray]:
+    """{index: (L, 5) prediction averaged over all structure predictions} (paper 2.3.4)."""
+    model.eval()
+    n_slots = data.n_slots
+    per_batch = max(1, batch_size // n_slots)
+    out = {}
+    for batch in tqdm(length_batches(data.lengths, np.asarray(indices), per_batch), desc=desc, leave=False):
+        repeated = np.repeat(batch, n_slots)
+        slots = np.tile(np.arange(n_slots), len(batch))
+        inputs = collate(data, repeated, slots, device)
+        with autocast(device, bf16):
+            pred = model(**inputs).float()
+        pred = pred.view(len(batch), n_slots, *pred.shape[1:]).mean(dim=1).cpu().numpy()
+        out.update(zip(batch.tolist(), pred))
+    return out
+
+
+def score_rows(data: RNATensors, predictions: dict[int, np.ndarray], indices: np.ndarray) -> dict:
+    """MCRMSE over the scored positions of `indices`: 3 scored columns and all 5."""
+    truth = np.concatenate([data.targets[i] for i in indices])
+    pred = np.concatenate([predictions[i][:data.seq_scored[i]] for i in indices])
+    return {"mcrmse_scored": mcrmse(truth[:, SCORED_COLUMNS], pred[:, SCORED_COLUMNS]),
+            "mcrmse_all5": mcrmse(truth, pred)}
+
+
+def train_fold(cfg, data: RNATensors, fold: int, train_idx: np.ndarray, val_idx: np.ndarray,
+               fold_dir: Path, device: torch.device, init_weights: Path | None = None) -> dict:
+    """Train one fold; resumes from fold_dir/last.pt. Returns the fold record (also fold_dir/result.pkl)."""
+    result_path = fold_dir / "result.pkl"
+    if result_path.exists():
+        return read_pickle(result_path)
+    tc = cfg.train
+    torch.manual_seed(_epoch_seed(cfg.seed, fold, 0) + 1)  # initial weights
+    model = build_model(cfg.model).to(device)
+    if init_weights is not None:
+        model.load_state_dict(torch.load(init_weights, map_location=device, weights_only=True)["model"],
+                              strict=False)
+    optimizer = make_optimizer(model, tc)
+    steps_per_epoch = len(length_batches(data.lengths, train_idx, tc.batch_size))
+    scheduler = flat_then_cosine(optimizer, tc.epochs * steps_per_epoch, tc.flat_fraction)
+    state = {"epoch": 0, "history": [], "best_score": float("inf"), "best_epoch": -1}
+    last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
+    if last_path.exists():
+        checkpoint = torch.load(last_path, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        state = checkpoint["state"]
+        print(f"fold {fold}: resuming at epoch {state['epoch']} from {last_path}")
+    scored_val = val_idx[data.sn_filter[val_idx] == 1]
+    for epoch in range(state["epoch"], tc.epochs):
+        start = time.time()
+        train_loss = _train_epoch(model, optimizer, scheduler, data, train_idx, device, tc,
+                                  np.random.default_rng(_epoch_seed(cfg.seed, fold, epoch)),
+                                  desc=f"fold {fold} epoch {epoch + 1}/{tc.epochs}")
+        val_pred = predict(model, data, scored_val, device, tc.eval_batch_size, tc.bf16, desc="validate")
+        scores = score_rows(data, val_pred, scored_val)
+        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, **scores,
+                                 "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - start, 2)})
+        if scores["mcrmse_scored"] < state["best_score"]:
+            state["best_score"], state["best_epoch"] = scores["mcrmse_scored"], epoch + 1
+            _save(best_path, {"model": model.state_dict(), "epoch": epoch + 1, "score": state["best_score"]})
+        state["epoch"] = epoch + 1
+        _save(last_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "state": state})
+        print(f"fold {fold} epoch {epoch + 1}: loss {train_loss:.4f} val MCRMSE {scores['mcrmse_scored']:.4f} "
+              f"(all 5: {scores['mcrmse_all5']:.4f}) {time.time() - start:.1f}s", flush=True)
+    model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+    oof = predict(model, data, val_idx, device, tc.eval_batch_size, tc.bf16, desc="oof")
+    result = {"fold": fold, "history": state["history"], "best_epoch": state["best_epoch"],
+              "val_idx": val_idx, "oof": {i: oof[i] for i in val_idx.tolist()}}
+    write_pickle(result_path, result)
+    return result
+
+
+def _train_epoch(model, optimizer, scheduler, data, train_idx, device, tc, rng, desc) -> float:
+    model.train()
+    torch.manual_seed(int(rng.integers(2**31)))  # dropout
+    losses = []
+    for batch in tqdm(length_batches(data.lengths, train_idx, tc.batch_size, rng), desc=desc, leave=False):
+        slots = rng.integers(0, data.n_slots, size=len(batch))  # one random structure per sample
+        inputs = collate(data, batch, slots, device, with_labels=True)
+        targets, errors = inputs.pop("targets"), inputs.pop("errors")
+        with autocast(device, tc.bf16):
+            pred = model(**inputs)[:, :targets.shape[1]].float()
+        loss = error_weighted_mse(pred, targets, errors, tc.loss_alpha, tc.loss_beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+def _save(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

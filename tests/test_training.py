@@ -1,0 +1,110 @@
+"""Stages 03 and 06 on the smoke preset: loss goes down, OOF is deterministic, a killed fold resumes to
+the same result, the submission is complete and checked."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO, isolated, load_kernel
+
+FOLDED = {}
+
+
+@pytest.fixture(scope="module")
+def folded_workspace(data_dir, tmp_path_factory):
+    """Stages 00 and 01 (smoke) done once; tests copy it."""
+    workspace = tmp_path_factory.mktemp("folded")
+    args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace)]
+    assert load_kernel("00_prepare_input").main(args) == 0
+    assert load_kernel("01_fold_structures").main(args) == 0
+    return workspace
+
+
+def copy_of(folded_workspace, target):
+    shutil.copytree(folded_workspace, target)
+    return target
+
+
+def train_command(workspace):
+    return [sys.executable, str(REPO / "kernels" / "03_train_folds.py"), "--preset", "smoke",
+            *isolated(workspace), "--set", "train.threads=1"]
+
+
+def train(workspace):
+    result = subprocess.run(train_command(workspace), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_workspace(folded_workspace, tmp_path_factory):
+    workspace = copy_of(folded_workspace, tmp_path_factory.mktemp("trained") / "ws")
+    train(workspace)
+    return workspace
+
+
+def test_training_lowers_the_loss_and_writes_oof(trained_workspace):
+    fold_dir = trained_workspace / "work" / "smoke" / "models" / "nt"
+    for fold in range(3):
+        history = pd.read_pickle(fold_dir / f"fold{fold}" / "result.pkl")["history"]
+        assert len(history) == 3
+        assert history[-1]["train_loss"] < history[0]["train_loss"]
+    oof = pd.read_csv(trained_workspace / "oof" / "nt.csv")
+    assert list(oof.columns) == ["id_seqpos", "reactivity", "deg_Mg_pH10", "deg_pH10", "deg_Mg_50C", "deg_50C"]
+    assert len(oof) == 40 * 68 and oof.id_seqpos.str.endswith("_67").sum() == 40
+    cv = json.loads((trained_workspace / "oof" / "nt_cv.json").read_text())
+    assert 0 < cv["mcrmse_scored"] < 2 and len(cv["per_fold"]) == 3
+    assert cv["n_scored_rows"] == sum(f["n_scored_rows"] for f in cv["per_fold"])
+    assert cv["git_commit"] and cv["config"]["model"]["nlayer"] == 2
+    folds = pd.read_csv(trained_workspace / "oof" / "folds.csv")
+    assert len(folds) == 40 and sorted(folds.fold.unique()) == [0, 1, 2]
+    for figure in ("nt_learning_curves.png", "nt_oof_error.png", "nt_attention.png"):
+        assert (trained_workspace / "figures" / figure).stat().st_size > 10_000
+
+
+def test_oof_is_deterministic_for_a_fixed_seed(folded_workspace, trained_workspace, tmp_path):
+    again = copy_of(folded_workspace, tmp_path / "again")
+    train(again)
+    assert (again / "oof" / "nt.csv").read_bytes() == (trained_workspace / "oof" / "nt.csv").read_bytes()
+
+
+def test_killed_fold_resumes_to_the_same_result(folded_workspace, trained_workspace, tmp_path):
+    workspace = copy_of(folded_workspace, tmp_path / "killed")
+    last = workspace / "work" / "smoke" / "models" / "nt" / "fold1" / "last.pt"
+    proc = subprocess.Popen(train_command(workspace), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    epoch = torch.load(last, weights_only=False)["state"]["epoch"]
+    assert epoch < 3, "the kill should land inside fold 1"
+    result = train(workspace)
+    assert f"fold 1: resuming at epoch {epoch}" in result.stdout
+    assert (workspace / "oof" / "nt.csv").read_bytes() == (trained_workspace / "oof" / "nt.csv").read_bytes()
+
+
+def test_changed_settings_refuse_to_resume(trained_workspace, tmp_path):
+    workspace = copy_of(trained_workspace, tmp_path / "changed")
+    result = subprocess.run(train_command(workspace) + ["--set", "train.epochs=4"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "holds checkpoints trained with other settings" in result.stderr
+
+
+def test_predict_writes_a_checked_submission(trained_workspace):
+    kernel = load_kernel("06_predict")
+    assert kernel.main(["--preset", "smoke", *isolated(trained_workspace), "--set", "train.threads=1"]) == 0
+    submission = pd.read_csv(trained_workspace / "submissions" / "nt.csv")
+    test = pd.read_pickle(trained_workspace / "work" / "smoke" / "prepared" / "test.pkl")
+    assert len(submission) == test.seq_length.sum() == 10 * 107 + 10 * 130
+    assert submission.iloc[:, 1:].notna().all().all()
