@@ -69,8 +69,11 @@ def length_batches(lengths: np.ndarray, indices: np.ndarray, batch_size: int,
 
 
 def collate(data: RNATensors, indices: np.ndarray, slots: np.ndarray, device: torch.device,
-            with_labels: bool = False) -> dict[str, torch.Tensor]:
-    """Model inputs for samples `indices`, each with structure prediction `slots[i]`."""
+            with_labels: bool = False, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """Model inputs for samples `indices`, each with structure prediction `slots[i]`.
+
+    channels_last lays the (B, 4, L, L) pair features out for faster 2-D convolutions on CPU.
+    """
     length = len(data.sequence[indices[0]])
     bpp = torch.from_numpy(np.stack([data.bpp[i][s] for i, s in zip(indices, slots)]).astype(np.float32))
     distance = torch.from_numpy(covalent_distance_features(length).copy()).expand(len(indices), -1, -1, -1)
@@ -83,4 +86,6 @@ def collate(data: RNATensors, indices: np.ndarray, slots: np.ndarray, device: to
     if with_labels:
         batch["targets"] = torch.from_numpy(np.stack([data.targets[i] for i in indices]))
         batch["errors"] = torch.from_numpy(np.stack([data.errors[i] for i in indices]))
+    if channels_last:
+        batch["pair_features"] = batch["pair_features"].contiguous(memory_format=torch.channels_last)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -55,7 +55,7 @@ def model_dir(cfg: Config) -> Path:
 
 def training_settings(cfg: Config) -> dict:
     return {"model": dict(cfg.model), "train": {k: v for k, v in dict(cfg.train).items()
-                                                if k not in ("device", "threads", "eval_batch_size")},
+                                                if k not in ("device", "threads", "eval_batch_size", "channels_last")},
             "seed": cfg.seed, "fold": {k: v for k, v in dict(cfg.fold).items() if k != "n_jobs"}}
 
 
@@ -159,7 +159,8 @@ def predict_test(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
             continue
         model = build_model(cfg.model).to(device)
         model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["model"])
-        pred = predict(model, data, everything, device, tc.eval_batch_size, tc.bf16, desc=f"test fold {fold}")
+        pred = predict(model, data, everything, device, tc.eval_batch_size, tc.bf16, tc.channels_last,
+                       desc=f"test fold {fold}")
         write_pickle(cache, pred)
         fold_predictions.append(pred)
     mean = [np.mean([p[i] for p in fold_predictions], axis=0) for i in everything]

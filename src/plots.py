@@ -46,7 +46,9 @@ def plot_learning_curves(path, model_name: str, histories: list[list[dict]]) -> 
     for fold, history in enumerate(histories):
         epochs = [h["epoch"] for h in history]
         loss_ax.plot(epochs, [h["train_loss"] for h in history], label=f"fold {fold}")
-        val_ax.plot(epochs, [h["mcrmse_scored"] for h in history], label=f"fold {fold}")
+        validated = [h for h in history if "mcrmse_scored" in h]
+        val_ax.plot([h["epoch"] for h in validated], [h["mcrmse_scored"] for h in validated], marker=".",
+                    label=f"fold {fold}")
     loss_ax.set(title="training loss (error-weighted MSE)", xlabel="epoch", yscale="log")
     val_ax.set(title="validation MCRMSE (3 scored columns, SN_filter = 1)", xlabel="epoch")
     val_ax.legend(fontsize=7, ncol=2)

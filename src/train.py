@@ -72,7 +72,8 @@ def _epoch_seed(seed: int, fold: int, epoch: int) -> int:
 
 @torch.no_grad()
 def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, device: torch.device,
-            batch_size: int, bf16: bool = False, desc: str = "predict") -> dict[int, np.ndarray]:
+            batch_size: int, bf16: bool = False, channels_last: bool = False,
+            desc: str = "predict") -> dict[int, np.ndarray]:
     """{index: (L, 5) prediction averaged over all structure predictions} (paper 2.3.4)."""
     model.eval()
     n_slots = data.n_slots
@@ -81,7 +82,7 @@ def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, de
     for batch in tqdm(length_batches(data.lengths, np.asarray(indices), per_batch), desc=desc, leave=False):
         repeated = np.repeat(batch, n_slots)
         slots = np.tile(np.arange(n_slots), len(batch))
-        inputs = collate(data, repeated, slots, device)
+        inputs = collate(data, repeated, slots, device, channels_last=channels_last)
         with autocast(device, bf16):
             pred = model(**inputs).float()
         pred = pred.view(len(batch), n_slots, *pred.shape[1:]).mean(dim=1).cpu().numpy()
@@ -127,24 +128,35 @@ def train_fold(cfg, data: RNATensors, fold: int, train_idx: np.ndarray, val_idx:
         train_loss = _train_epoch(model, optimizer, scheduler, data, train_idx, device, tc,
                                   np.random.default_rng(_epoch_seed(cfg.seed, fold, epoch)),
                                   desc=f"fold {fold} epoch {epoch + 1}/{tc.epochs}")
-        val_pred = predict(model, data, scored_val, device, tc.eval_batch_size, tc.bf16, desc="validate")
-        scores = score_rows(data, val_pred, scored_val)
+        scores = {}
+        if _validate_after(epoch, tc):
+            val_pred = predict(model, data, scored_val, device, tc.eval_batch_size, tc.bf16, tc.channels_last,
+                               desc="validate")
+            scores = score_rows(data, val_pred, scored_val)
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, **scores,
                                  "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - start, 2)})
-        if scores["mcrmse_scored"] < state["best_score"]:
+        if scores and scores["mcrmse_scored"] < state["best_score"]:
             state["best_score"], state["best_epoch"] = scores["mcrmse_scored"], epoch + 1
             _save(best_path, {"model": model.state_dict(), "epoch": epoch + 1, "score": state["best_score"]})
         state["epoch"] = epoch + 1
         _save(last_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "state": state})
-        print(f"fold {fold} epoch {epoch + 1}: loss {train_loss:.4f} val MCRMSE {scores['mcrmse_scored']:.4f} "
-              f"(all 5: {scores['mcrmse_all5']:.4f}) {time.time() - start:.1f}s", flush=True)
+        val_text = (f"val MCRMSE {scores['mcrmse_scored']:.4f} (all 5: {scores['mcrmse_all5']:.4f})"
+                    if scores else "not validated")
+        print(f"fold {fold} epoch {epoch + 1}: loss {train_loss:.4f} {val_text} {time.time() - start:.1f}s",
+              flush=True)
     model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
-    oof = predict(model, data, val_idx, device, tc.eval_batch_size, tc.bf16, desc="oof")
+    oof = predict(model, data, val_idx, device, tc.eval_batch_size, tc.bf16, tc.channels_last, desc="oof")
     result = {"fold": fold, "history": state["history"], "best_epoch": state["best_epoch"],
               "val_idx": val_idx, "oof": {i: oof[i] for i in val_idx.tolist()}}
     write_pickle(result_path, result)
     return result
+
+
+def _validate_after(epoch: int, tc) -> bool:
+    """Every eval_every epochs while the learning rate is flat, every epoch once it anneals."""
+    annealing = epoch + 1 > int(tc.epochs * tc.flat_fraction)
+    return annealing or (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs
 
 
 def _train_epoch(model, optimizer, scheduler, data, train_idx, device, tc, rng, desc) -> float:
@@ -153,7 +165,7 @@ def _train_epoch(model, optimizer, scheduler, data, train_idx, device, tc, rng, 
     losses = []
     for batch in tqdm(length_batches(data.lengths, train_idx, tc.batch_size, rng), desc=desc, leave=False):
         slots = rng.integers(0, data.n_slots, size=len(batch))  # one random structure per sample
-        inputs = collate(data, batch, slots, device, with_labels=True)
+        inputs = collate(data, batch, slots, device, with_labels=True, channels_last=tc.channels_last)
         targets, errors = inputs.pop("targets"), inputs.pop("errors")
         with autocast(device, tc.bf16):
             pred = model(**inputs)[:, :targets.shape[1]].float()
