@@ -54,9 +54,25 @@ def model_dir(cfg: Config) -> Path:
 
 
 def training_settings(cfg: Config) -> dict:
-    return {"model": dict(cfg.model), "train": {k: v for k, v in dict(cfg.train).items()
-                                                if k not in ("device", "threads", "eval_batch_size", "channels_last")},
-            "seed": cfg.seed, "fold": {k: v for k, v in dict(cfg.fold).items() if k != "n_jobs"}}
+    settings = {"model": dict(cfg.model), "seed": cfg.seed,
+                "train": {k: v for k, v in dict(cfg.train).items()
+                          if k not in ("device", "threads", "eval_batch_size", "channels_last")},
+                "fold": {k: v for k, v in dict(cfg.fold).items() if k != "n_jobs"}}
+    if cfg.pretrain.enabled:
+        settings["pretrain"] = dict(cfg.pretrain)
+    return settings
+
+
+def initial_weights(cfg: Config) -> Path | None:
+    """Stage 02's encoder when pretraining is on, else train.init_weights (or nothing)."""
+    if cfg.pretrain.enabled:
+        from .pretrain import pretrain_checkpoint
+
+        path = pretrain_checkpoint(cfg)
+        if not path.exists():
+            raise InputError(path, "not found: run stage 02 (pretrain) first, or set pretrain.enabled=false")
+        return path
+    return Path(cfg.train.init_weights) if cfg.train.init_weights else None
 
 
 def _claim_model_dir(cfg: Config, force: bool) -> Path:
@@ -89,7 +105,7 @@ def train_folds(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     data = load_rna_tensors(frame, StructureStore(paths.structures, cfg.fold))
     folds = ensure_folds(paths.oof / "folds.csv", list(frame.id), tc.folds, cfg.seed)
     folder = _claim_model_dir(cfg, force)
-    init = Path(tc.init_weights) if tc.init_weights else None
+    init = initial_weights(cfg)
     trainable = data.signal_to_noise > tc.noise_filter
     results = []
     for fold in range(tc.folds):

@@ -108,8 +108,7 @@ def train_fold(cfg, data: RNATensors, fold: int, train_idx: np.ndarray, val_idx:
     torch.manual_seed(_epoch_seed(cfg.seed, fold, 0) + 1)  # initial weights
     model = build_model(cfg.model).to(device)
     if init_weights is not None:
-        model.load_state_dict(torch.load(init_weights, map_location=device, weights_only=True)["model"],
-                              strict=False)
+        model.load_state_dict(torch.load(init_weights, map_location=device, weights_only=True)["model"])
     optimizer = make_optimizer(model, tc)
     steps_per_epoch = len(length_batches(data.lengths, train_idx, tc.batch_size))
     scheduler = flat_then_cosine(optimizer, tc.epochs * steps_per_epoch, tc.flat_fraction)

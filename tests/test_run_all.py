@@ -29,8 +29,10 @@ def test_smoke_pipeline_end_to_end_then_skips(data_dir, tmp_path):
     assert "00_prepare_input         done" in first.stdout
     assert "01_fold_structures       done" in first.stdout
     assert "03_train_folds           done" in first.stdout and "06_predict               done" in first.stdout
-    assert (workspace / "oof" / "nt_cv.json").exists() and (workspace / "submissions" / "nt.csv").exists()
-    for stage in ("00_prepare_input", "01_fold_structures", "03_train_folds", "06_predict"):
+    assert "07_ensemble              done" in first.stdout
+    assert (workspace / "oof" / "nt_cv.json").exists() and (workspace / "submissions" / "submission.csv").exists()
+    for stage in ("00_prepare_input", "01_fold_structures", "02_pretrain", "03_train_folds", "06_predict",
+                  "07_ensemble"):
         manifest = json.loads((workspace / "work" / "smoke" / "manifests" / f"{stage}.json").read_text())
         assert manifest["preset"] == "smoke" and manifest["git_commit"] and manifest["config"]["fold"]
         assert (workspace / "logs" / f"{stage}.log").exists()
@@ -46,6 +48,7 @@ def test_smoke_pipeline_end_to_end_then_skips(data_dir, tmp_path):
     assert "00_prepare_input         skipped" in again.stdout
     assert "01_fold_structures       skipped" in again.stdout
     assert "03_train_folds           skipped" in again.stdout and "06_predict               skipped" in again.stdout
+    assert "07_ensemble              skipped" in again.stdout
 
     only = run_all(workspace, "--data-dir", str(data_dir), "--only", "fold_structures", "--force")
     assert only.returncode == 0 and "00_prepare_input" not in only.stdout.split("summary")[1]

@@ -10,14 +10,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from conftest import REPO, isolated, load_kernel
-
-FOLDED = {}
-
 
 @pytest.fixture(scope="module")
 def folded_workspace(data_dir, tmp_path_factory):
@@ -101,10 +99,35 @@ def test_changed_settings_refuse_to_resume(trained_workspace, tmp_path):
     assert result.returncode == 2 and "holds checkpoints trained with other settings" in result.stderr
 
 
-def test_predict_writes_a_checked_submission(trained_workspace):
+@pytest.fixture(scope="module")
+def predicted_workspace(trained_workspace):
     kernel = load_kernel("06_predict")
     assert kernel.main(["--preset", "smoke", *isolated(trained_workspace), "--set", "train.threads=1"]) == 0
-    submission = pd.read_csv(trained_workspace / "submissions" / "nt.csv")
-    test = pd.read_pickle(trained_workspace / "work" / "smoke" / "prepared" / "test.pkl")
+    return trained_workspace
+
+
+def test_predict_writes_a_checked_submission(predicted_workspace):
+    submission = pd.read_csv(predicted_workspace / "submissions" / "nt.csv")
+    test = pd.read_pickle(predicted_workspace / "work" / "smoke" / "prepared" / "test.pkl")
     assert len(submission) == test.seq_length.sum() == 10 * 107 + 10 * 130
     assert submission.iloc[:, 1:].notna().all().all()
+
+
+def test_ensemble_blends_models_and_never_loses_to_the_best(predicted_workspace, tmp_path):
+    workspace = copy_of(predicted_workspace, tmp_path / "blend")
+    rng = np.random.default_rng(0)
+    for kind in ("oof", "submissions"):  # a second, noisier model beside nt
+        frame = pd.read_csv(workspace / kind / "nt.csv")
+        frame.iloc[:, 1:] += rng.normal(0, 0.3, size=frame.iloc[:, 1:].shape)
+        frame.to_csv(workspace / kind / "noisy.csv", index=False)
+    assert load_kernel("07_ensemble").main(["--preset", "smoke", *isolated(workspace)]) == 0
+    report = json.loads((workspace / "oof" / "ensemble.json").read_text())
+    assert sorted(report["members"]) == ["noisy", "nt"]
+    best = min(m["mcrmse_scored"] for m in report["members"].values())
+    assert report["blend"]["mcrmse_scored"] <= best + 1e-9
+    assert all(w >= 0 for column in report["weights"].values() for w in column.values())
+    assert report["weights"]["reactivity"]["nt"] > report["weights"]["reactivity"]["noisy"]
+    blend = pd.read_csv(workspace / "oof" / "oof_ensemble.csv")
+    assert len(blend) == len(pd.read_csv(workspace / "oof" / "nt.csv"))
+    submission = pd.read_csv(workspace / "submissions" / "submission.csv")
+    assert len(submission) == 10 * 107 + 10 * 130 and np.isfinite(submission.iloc[:, 1:].to_numpy()).all()

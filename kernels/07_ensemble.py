@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Stage 07: blend every model with OOF predictions and a submission; write submissions/submission.csv.
+
+Non-negative weights per target column minimise the OOF MCRMSE on SN_filter == 1 rows.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.ensemble import ensemble, ensemble_key  # noqa: E402
+from src.stage import run_stage  # noqa: E402
+
+
+def main(argv=None) -> int:
+    return run_stage("07_ensemble", __doc__, ensemble_key, ensemble, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Stage 02: unsupervised pretraining of the Nucleic Transformer (paper 2.3.3, 3.3.1, 3.3.4).
+
+Every sequence of train + test (and optionally random sequences of the same lengths) is shown with one
+of its structure predictions and corrupted tokens: half the batches by random mutation, half by
+masking with the NULL token. Cross-entropy heads recover the true sequence, structure and loop type
+at every position. Stage 03 starts from the encoder weights when `pretrain.enabled` is true.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import Config, Paths
+from .dataset import RNATensors, collate, length_batches, load_rna_tensors
+from .features import LOOP_TOKENS, NULL_TOKEN, SEQUENCE_TOKENS, STRUCTURE_TOKENS
+from .io_utils import read_pickle, write_json
+from .models.nucleic_transformer import NucleicTransformer
+from .stage import InputError, artifact_meta
+from .structures import StructureStore
+from .train import (_epoch_seed, _save, autocast, build_model, configure_threads, flat_then_cosine,
+                    make_optimizer, resolve_device)
+
+STREAMS = (("sequence", SEQUENCE_TOKENS), ("structure", STRUCTURE_TOKENS), ("loop", LOOP_TOKENS))
+
+
+def corrupt(tokens: torch.Tensor, vocab_size: int, rate: float, mode: str,
+            generator: torch.Generator) -> torch.Tensor:
+    """A corrupted copy of `tokens` (ids 1..vocab_size): each position is picked with probability
+    `rate` and masked with NULL (mode "mask") or replaced by a random letter (mode "mutate", which,
+    as in the paper, may draw the same letter: about 3/4 of picks change)."""
+    if mode not in ("mask", "mutate"):
+        raise ValueError(f"mode must be 'mask' or 'mutate', got {mode!r}")
+    picked = torch.rand(tokens.shape, generator=generator) < rate
+    if mode == "mask":
+        replacement = torch.full_like(tokens, NULL_TOKEN)
+    else:
+        replacement = torch.randint(1, vocab_size + 1, tokens.shape, generator=generator)
+    return torch.where(picked, replacement, tokens)
+
+
+class PretrainModel(nn.Module):
+    """The Nucleic Transformer encoder with one classification head per token stream."""
+
+    def __init__(self, model: NucleicTransformer):
+        super().__init__()
+        self.model = model
+        d = model.cfg.d_model
+        self.heads = nn.ModuleDict({name: nn.Linear(d, len(vocab)) for name, vocab in STREAMS})
+
+    def forward(self, sequence, structure, loop, pair_features) -> dict[str, torch.Tensor]:
+        hidden, _ = self.model.encode(sequence, structure, loop, pair_features)
+        return {name: head(hidden) for name, head in self.heads.items()}
+
+
+def reconstruction_loss(logits: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over the three streams of the cross-entropy at every position (token ids 1.. -> classes 0..)."""
+    return sum(F.cross_entropy(logits[name].flatten(0, 1).float(), truth[name].flatten() - 1) for name, _ in STREAMS)
+
+
+def pretraining_sequences(cfg: Config) -> list[str]:
+    """Unique train + test sequences, plus random_multiplier x random ones of the same lengths."""
+    paths = Paths(cfg)
+    frames = []
+    for split in ("train", "test"):
+        path = paths.prepared / f"{split}.pkl"
+        if not path.exists():
+            raise InputError(path, "not found: run stage 00 (prepare_input) first")
+        frames.append(read_pickle(path))
+    real = sorted(set(frames[0].sequence) | set(frames[1].sequence))
+    rng = np.random.default_rng(cfg.seed)
+    letters = np.array(list(SEQUENCE_TOKENS))
+    extra = ["".join(rng.choice(letters, len(s))) for _ in range(cfg.pretrain.random_multiplier) for s in real]
+    return real + extra
+
+
+def pretrain_checkpoint(cfg: Config) -> Path:
+    return Paths(cfg).run / "pretrain" / f"{cfg.model.name}.pt"
+
+
+def pretrain_settings(cfg: Config) -> dict:
+    return {"model": dict(cfg.model), "pretrain": dict(cfg.pretrain), "seed": cfg.seed,
+            "fold": {k: v for k, v in dict(cfg.fold).items() if k != "n_jobs"}}
+
+
+def pretrain_key(cfg: Config) -> dict:
+    prepared = Paths(cfg).prepared / "meta.json"
+    return {**pretrain_settings(cfg), "prepared": prepared.read_text() if prepared.exists() else None}
+
+
+def run_pretraining(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
+    from .plots import plot_pretraining
+
+    paths, pc = Paths(cfg), cfg.pretrain
+    if not pc.enabled:
+        return [], {"skipped": "pretrain.enabled is false"}
+    configure_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    sequences = pretraining_sequences(cfg)
+    store = StructureStore(paths.structures, cfg.fold)
+    store.fold_all(sequences, meta={"stage": "02_pretrain"}, n_jobs=cfg.fold.n_jobs)  # random ones, if any
+    frame = pd.DataFrame({"id": [f"seq{i}" for i in range(len(sequences))], "sequence": sequences,
+                          "seq_scored": [len(s) for s in sequences]})
+    data = load_rna_tensors(frame, store)
+    work_dir = pretrain_checkpoint(cfg).parent / cfg.model.name
+    if force and work_dir.exists():
+        import shutil
+        shutil.rmtree(work_dir)
+    history = pretrain_loop(cfg, data, work_dir, device)
+    output = pretrain_checkpoint(cfg)
+    encoder = torch.load(work_dir / "last.pt", map_location="cpu", weights_only=False)["model"]
+    _save(output, {"model": {k.removeprefix("model."): v for k, v in encoder.items() if k.startswith("model.")},
+                   "settings": pretrain_settings(cfg)})
+    figure = paths.figures / f"{cfg.model.name}_pretraining.png"
+    plot_pretraining(figure, cfg.model.name, history)
+    history_json = work_dir / "history.json"
+    write_json(history_json, {"history": history, **artifact_meta(cfg)})
+    return [output, figure, history_json], {"sequences": len(sequences), "final_loss": round(history[-1]["loss"], 4)}
+
+
+def pretrain_loop(cfg: Config, data: RNATensors, work_dir: Path, device: torch.device) -> list[dict]:
+    """Resumable epoch loop; each epoch's randomness comes from (seed, epoch)."""
+    pc, tc = cfg.pretrain, cfg.train
+    torch.manual_seed(cfg.seed)
+    model = PretrainModel(build_model(cfg.model)).to(device)
+    optimizer = make_optimizer(model, pc)
+    everything = np.arange(len(data))
+    steps = len(length_batches(data.lengths, everything, pc.batch_size))
+    scheduler = flat_then_cosine(optimizer, pc.epochs * steps, pc.flat_fraction)
+    history, first_epoch = [], 0
+    last = work_dir / "last.pt"
+    if last.exists():
+        checkpoint = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        history, first_epoch = checkpoint["history"], len(checkpoint["history"])
+    for epoch in range(first_epoch, pc.epochs):
+        start = time.time()
+        rng = np.random.default_rng(_epoch_seed(cfg.seed, -1, epoch))
+        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        torch.manual_seed(int(rng.integers(2**31)))
+        model.train()
+        losses = []
+        batches = length_batches(data.lengths, everything, pc.batch_size, rng)
+        for step, batch in enumerate(tqdm(batches, desc=f"pretrain epoch {epoch + 1}/{pc.epochs}", leave=False)):
+            slots = rng.integers(0, data.n_slots, size=len(batch))
+            inputs = collate(data, batch, slots, device, channels_last=tc.channels_last)
+            truth = {name: inputs[name] for name, _ in STREAMS}
+            mode = "mask" if step % 2 == 0 else "mutate"
+            for name, vocab in STREAMS:
+                inputs[name] = corrupt(truth[name].cpu(), len(vocab), pc.corrupt_rate, mode, generator).to(device)
+            with autocast(device, tc.bf16):
+                loss = reconstruction_loss(model(**inputs), truth)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - start, 2)})
+        _save(last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "history": history})
+        print(f"pretrain epoch {epoch + 1}: reconstruction loss {history[-1]['loss']:.4f} "
+              f"{history[-1]['seconds']:.1f}s", flush=True)
+    return history

@@ -1,0 +1,86 @@
+"""Stage 02: corruption functions, and a smoke pretraining whose encoder stage 03 starts from."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, isolated, load_kernel
+from src.features import NULL_TOKEN
+from src.pretrain import PretrainModel, corrupt, reconstruction_loss
+from src.train import build_model
+from src.config import load_config
+
+
+def tokens(shape=(64, 500), vocab=4, seed=0):
+    return torch.randint(1, vocab + 1, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.15, 0.5])
+def test_mask_rate_and_null_token(rate):
+    original = tokens()
+    kept = original.clone()
+    masked = corrupt(original, 4, rate, "mask", torch.Generator().manual_seed(1))
+    assert torch.equal(original, kept), "labels must stay untouched"
+    picked = masked != original
+    assert torch.all(masked[picked] == NULL_TOKEN)
+    assert abs(picked.float().mean().item() - rate) < 0.01
+
+
+@pytest.mark.parametrize("vocab", [3, 4, 7])
+def test_mutation_rate_and_alphabet(vocab):
+    original = tokens(vocab=vocab)
+    mutated = corrupt(original, vocab, 0.2, "mutate", torch.Generator().manual_seed(2))
+    assert int(mutated.min()) >= 1 and int(mutated.max()) <= vocab, "no NULL, no foreign letter"
+    changed = (mutated != original).float().mean().item()
+    assert abs(changed - 0.2 * (vocab - 1) / vocab) < 0.01  # a pick may redraw the same letter
+
+
+def test_corruption_is_reproducible_and_rejects_unknown_modes():
+    a = corrupt(tokens(), 4, 0.3, "mutate", torch.Generator().manual_seed(5))
+    b = corrupt(tokens(), 4, 0.3, "mutate", torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="mode must be"):
+        corrupt(tokens(), 4, 0.3, "shuffle", torch.Generator())
+
+
+def test_reconstruction_loss_is_low_for_a_perfect_guess():
+    truth = {"sequence": tokens((2, 10), 4), "structure": tokens((2, 10), 3), "loop": tokens((2, 10), 7)}
+    perfect = {k: torch.nn.functional.one_hot(v - 1, n).float() * 50 for (k, v), n in zip(truth.items(), (4, 3, 7))}
+    assert reconstruction_loss(perfect, truth).item() < 1e-6
+    uniform = {k: torch.zeros_like(v) for k, v in perfect.items()}
+    expected = sum(torch.log(torch.tensor(float(n))) for n in (4, 3, 7))
+    assert reconstruction_loss(uniform, truth).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_pretrain_model_heads_sit_beside_the_regression_model():
+    cfg = load_config("smoke")
+    model = PretrainModel(build_model(cfg.model))
+    names = {k.removeprefix("model.") for k in model.state_dict() if k.startswith("model.")}
+    assert names == set(build_model(cfg.model).state_dict())
+
+
+def test_smoke_pretraining_then_training_starts_from_it(data_dir, tmp_path):
+    workspace = tmp_path / "ws"
+    args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace), "--set", "pretrain.enabled=true",
+            "--set", "pretrain.epochs=3", "--set", "train.threads=1"]
+    assert load_kernel("00_prepare_input").main(args) == 0
+    assert load_kernel("01_fold_structures").main(args) == 0
+    assert load_kernel("02_pretrain").main(args) == 0
+    history = json.loads((workspace / "work" / "smoke" / "pretrain" / "nt" / "history.json").read_text())["history"]
+    assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
+    encoder = torch.load(workspace / "work" / "smoke" / "pretrain" / "nt.pt", weights_only=False)["model"]
+    assert set(encoder) == set(build_model(load_config("smoke").model).state_dict())
+    result = subprocess.run([sys.executable, str(REPO / "kernels" / "03_train_folds.py"), *args[:2], *args[4:]],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    settings = json.loads((workspace / "work" / "smoke" / "models" / "nt" / "settings.json").read_text())
+    assert settings["pretrain"]["epochs"] == 3
+    shutil.rmtree(workspace / "work" / "smoke" / "pretrain")
+    again = subprocess.run([sys.executable, str(REPO / "kernels" / "03_train_folds.py"), *args[:2], *args[4:],
+                            "--force"], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 2 and "run stage 02 (pretrain) first" in again.stderr
