@@ -88,6 +88,14 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
     return Config(merged)
 
 
+def with_settings(cfg: Config, **dotted) -> Config:
+    """A copy of cfg with some values replaced, e.g. with_settings(cfg, **{"model.nlayer": 3})."""
+    merged = cfg.to_dict()
+    for key, value in dotted.items():
+        merged = _merge(merged, _parse_override(f"{key}={json.dumps(value)}"))
+    return Config(merged)
+
+
 def resolve_data_dir(data_dir: str | None) -> Path:
     """--data-dir, else $NT_DATA_DIR, else input/."""
     chosen = data_dir or os.environ.get("NT_DATA_DIR") or str(REPO_ROOT / "input")

@@ -14,10 +14,10 @@ from scipy.optimize import nnls
 
 from .config import Config, Paths
 from .data import SCORED_TARGETS, TARGETS
-from .io_utils import read_pickle, write_json
+from .io_utils import read_pickle, write_csv, write_json
 from .metrics import columnwise_rmse
 from .stage import InputError, artifact_meta
-from .submission import ID_COLUMN, check_submission, write_csv
+from .submission import ID_COLUMN, check_submission
 
 ENSEMBLE_OOF = "oof_ensemble.csv"
 

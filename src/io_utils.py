@@ -52,6 +52,12 @@ def copy_file(src: str | Path, dst: str | Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def write_csv(path: str | Path, frame, float_format: str | None = "%.6g") -> None:
+    """A pandas DataFrame as CSV without its index (6 significant digits for floats)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format=float_format)
+
+
 def write_pickle(path: str | Path, obj) -> None:
     import pickle
 

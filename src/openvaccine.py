@@ -14,11 +14,11 @@ import torch
 from .config import Config, Paths, config_hash
 from .data import TARGETS
 from .dataset import load_rna_tensors
-from .io_utils import read_pickle, write_json, write_pickle
+from .io_utils import read_pickle, write_csv, write_json, write_pickle
 from .metrics import columnwise_rmse
 from .stage import InputError, artifact_meta
 from .structures import StructureStore
-from .submission import check_submission, predictions_frame, write_csv
+from .submission import check_submission, predictions_frame
 from .train import (SCORED_COLUMNS, build_model, configure_threads, predict, resolve_device, score_rows,
                     train_fold)
 
@@ -43,9 +43,7 @@ def ensure_folds(path: Path, ids: list[str], n_folds: int, seed: int) -> np.ndar
     folds = np.zeros(len(ids), dtype=np.int64)
     for fold, (_, val) in enumerate(KFold(n_folds, shuffle=True, random_state=seed).split(ids)):
         folds[val] = fold
-    from .io_utils import atomic_path
-    with atomic_path(path) as tmp:
-        pd.DataFrame({"id": ids, "fold": folds}).to_csv(tmp, index=False)
+    write_csv(path, pd.DataFrame({"id": ids, "fold": folds}))
     return folds
 
 
@@ -94,29 +92,42 @@ def train_key(cfg: Config) -> dict:
     return {**training_settings(cfg), "prepared": prepared.read_text() if prepared.exists() else None}
 
 
-def train_folds(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
-    from .plots import plot_attention, plot_learning_curves, plot_oof_error
-
-    start = time.time()
-    paths, tc = Paths(cfg), cfg.train
-    configure_threads(tc.threads)
-    device = resolve_device(tc.device)
+def load_training_data(cfg: Config):
+    """(train table, its tensors, fold of every row) for the K-fold stages."""
     frame = read_prepared(cfg, "train")
-    data = load_rna_tensors(frame, StructureStore(paths.structures, cfg.fold))
-    folds = ensure_folds(paths.oof / "folds.csv", list(frame.id), tc.folds, cfg.seed)
+    data = load_rna_tensors(frame, StructureStore(Paths(cfg).structures, cfg.fold))
+    folds = ensure_folds(Paths(cfg).oof / "folds.csv", list(frame.id), cfg.train.folds, cfg.seed)
+    return frame, data, folds
+
+
+def fold_indices(cfg: Config, data, folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to train on (other folds, signal_to_noise > noise_filter) and the rows of this fold."""
+    trainable = data.signal_to_noise > cfg.train.noise_filter
+    return np.flatnonzero((folds != fold) & trainable), np.flatnonzero(folds == fold)
+
+
+def train_folds(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
+    start = time.time()
+    configure_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    frame, data, folds = load_training_data(cfg)
     folder = _claim_model_dir(cfg, force)
     init = initial_weights(cfg)
-    trainable = data.signal_to_noise > tc.noise_filter
-    results = []
-    for fold in range(tc.folds):
-        train_idx = np.flatnonzero((folds != fold) & trainable)
-        val_idx = np.flatnonzero(folds == fold)
-        results.append(train_fold(cfg, data, fold, train_idx, val_idx, folder / f"fold{fold}", device, init))
+    results = [train_fold(cfg, data, fold, *fold_indices(cfg, data, folds, fold), folder / f"fold{fold}", device, init)
+               for fold in range(cfg.train.folds)]
+    return write_training_outputs(cfg, data, frame, results, device, start)
+
+
+def write_training_outputs(cfg: Config, data, frame: pd.DataFrame, results: list[dict], device,
+                           start: float) -> tuple[list[Path], dict]:
+    """OOF CSV, cv.json and figures of a finished K-fold model."""
+    from .plots import plot_attention, plot_learning_curves, plot_oof_error
+
+    paths, name = Paths(cfg), cfg.model.name
     oof = {i: p for r in results for i, p in r["oof"].items()}
-    name = cfg.model.name
     oof_csv = paths.oof / f"{name}.csv"
-    write_csv(oof_csv, predictions_frame([data.ids[i] for i in range(len(data))],
-                                         [oof[i] for i in range(len(data))], list(data.seq_scored)))
+    write_csv(oof_csv, predictions_frame([data.ids[i] for i in range(len(frame))],
+                                         [oof[i] for i in range(len(frame))], list(data.seq_scored[:len(frame)])))
     cv = cv_report(data, oof, results, frame)
     cv.update(model=name, wall_time_s=round(time.time() - start, 1), device=str(device), **artifact_meta(cfg))
     cv_json = paths.oof / f"{name}_cv.json"
@@ -126,7 +137,8 @@ def train_folds(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     plot_learning_curves(figures[0], name, [r["history"] for r in results])
     plot_oof_error(figures[1], name, data, oof, frame)
     model = build_model(cfg.model).to(device)
-    model.load_state_dict(torch.load(folder / "fold0" / "best.pt", map_location=device, weights_only=True)["model"])
+    best = model_dir(cfg) / "fold0" / "best.pt"
+    model.load_state_dict(torch.load(best, map_location=device, weights_only=True)["model"])
     plot_attention(figures[2], model, data, int(results[0]["val_idx"][0]), device)
     summary = {"oof_mcrmse_scored": round(cv["mcrmse_scored"], 5), "oof_mcrmse_all5": round(cv["mcrmse_all5"], 5)}
     return [oof_csv, cv_json, paths.oof / "folds.csv", *figures], summary
@@ -134,7 +146,7 @@ def train_folds(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
 
 def cv_report(data, oof: dict, results: list[dict], frame: pd.DataFrame) -> dict:
     """OOF MCRMSE on SN_filter == 1 rows: 3 scored columns and all 5, overall and per fold."""
-    scored = np.flatnonzero(data.sn_filter == 1)
+    scored = np.flatnonzero(data.sn_filter[:len(frame)] == 1)
     truth = np.concatenate([data.targets[i] for i in scored])
     pred = np.concatenate([oof[i][:data.seq_scored[i]] for i in scored])
     per_fold = []

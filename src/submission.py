@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 
 from .data import TARGETS
-from .io_utils import atomic_path
 
 ID_COLUMN = "id_seqpos"
 COLUMNS = [ID_COLUMN] + TARGETS
@@ -34,11 +33,6 @@ def predictions_frame(ids: list[str], predictions: list[np.ndarray], positions: 
     frame = pd.DataFrame(values, columns=TARGETS)
     frame.insert(0, ID_COLUMN, keys)
     return frame
-
-
-def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6g")
 
 
 def check_submission(path: str | Path, test: pd.DataFrame) -> int:

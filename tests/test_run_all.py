@@ -1,38 +1,51 @@
-"""run_all.sh: the smoke preset runs every stage end to end, resumes by skipping, stops at a failing stage."""
+"""run_all.sh: the smoke preset runs every stage (00 -> 07) end to end, resumes by skipping, stops at a
+failing stage; the semi-supervised chain's files are complete and honest."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from conftest import isolated, run_script
 from src.config import load_config
 from src.structures import StructureStore
+from src.submission import expected_ids
+
+STAGES = ("00_prepare_input", "01_fold_structures", "02_pretrain", "03_train_folds", "04_pseudo_label",
+          "05_semi_supervised", "06_predict", "07_ensemble")
 
 
 def run_all(workspace, *args):
     return run_script(["bash", "run_all.sh", "--preset", "smoke", *isolated(workspace), *args],
-                      env={"NT_LOG_DIR": str(workspace / "logs")}, timeout=900)
+                      env={"NT_LOG_DIR": str(workspace / "logs")}, timeout=1200)
+
+
+def status(stdout: str) -> dict[str, str]:
+    summary = stdout.split("==> summary")[1]
+    return {line.split()[0]: line.split()[1] for line in summary.splitlines() if line.strip()[:2].isdigit()}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(data_dir, tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("run_all")
+    result = run_all(workspace, "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workspace, result
 
 
 def test_help_lists_stages_and_presets():
     result = run_script(["bash", "run_all.sh", "--help"])
     assert result.returncode == 0
-    for word in ("00_prepare_input", "01_fold_structures", "03_train_folds", "06_predict", "smoke", "cpu", "paper", "--from", "--only"):
+    for word in (*STAGES, "smoke", "cpu", "paper", "--from", "--only"):
         assert word in result.stdout
 
 
-def test_smoke_pipeline_end_to_end_then_skips(data_dir, tmp_path):
-    workspace = tmp_path / "ws"
-    first = run_all(workspace, "--data-dir", str(data_dir))
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "00_prepare_input         done" in first.stdout
-    assert "01_fold_structures       done" in first.stdout
-    assert "03_train_folds           done" in first.stdout and "06_predict               done" in first.stdout
-    assert "07_ensemble              done" in first.stdout
-    assert (workspace / "oof" / "nt_cv.json").exists() and (workspace / "submissions" / "submission.csv").exists()
-    for stage in ("00_prepare_input", "01_fold_structures", "02_pretrain", "03_train_folds", "06_predict",
-                  "07_ensemble"):
+def test_smoke_pipeline_runs_every_stage(smoke_run):
+    workspace, result = smoke_run
+    assert status(result.stdout) == {stage: "done" for stage in STAGES}
+    for stage in STAGES:
         manifest = json.loads((workspace / "work" / "smoke" / "manifests" / f"{stage}.json").read_text())
         assert manifest["preset"] == "smoke" and manifest["git_commit"] and manifest["config"]["fold"]
         assert (workspace / "logs" / f"{stage}.log").exists()
@@ -43,15 +56,51 @@ def test_smoke_pipeline_end_to_end_then_skips(data_dir, tmp_path):
     store = StructureStore(workspace / "structures", cfg.fold)
     assert store.pending(sequences) == [] and len(store.load(sequences)) == 60
 
-    again = run_all(workspace, "--data-dir", str(data_dir))
-    assert again.returncode == 0
-    assert "00_prepare_input         skipped" in again.stdout
-    assert "01_fold_structures       skipped" in again.stdout
-    assert "03_train_folds           skipped" in again.stdout and "06_predict               skipped" in again.stdout
-    assert "07_ensemble              skipped" in again.stdout
 
+def test_pseudo_labels_cover_every_test_position(smoke_run):
+    workspace, _ = smoke_run
+    test = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
+    labels = pd.read_csv(workspace / "oof" / "pseudo_labels.csv")
+    assert list(labels.id_seqpos) == expected_ids(test)
+    assert np.isfinite(labels.iloc[:, 1:].to_numpy()).all()
+    report = json.loads((workspace / "oof" / "pseudo_labels.json").read_text())
+    assert report["models"] == ["nt_k1", "nt"] and report["depths"] == [1, 2] and report["folds"] == 3
+    for fold in range(3):
+        per_fold = pd.read_pickle(workspace / "work" / "smoke" / "pseudo_labels" / f"fold{fold}.pkl")
+        assert sorted(per_fold) == list(range(len(test)))
+        assert all(per_fold[i].shape == (n, 5) for i, n in enumerate(test.seq_length))
+
+
+def test_semi_supervised_model_has_oof_cv_and_submission(smoke_run):
+    workspace, _ = smoke_run
+    oof = pd.read_csv(workspace / "oof" / "nt_semi.csv")
+    assert len(oof) == 40 * 68, "OOF covers training rows only"
+    cv = json.loads((workspace / "oof" / "nt_semi_cv.json").read_text())
+    assert len(cv["per_fold"]) == 3 and cv["model"] == "nt_semi"
+    assert len(pd.read_csv(workspace / "submissions" / "nt_semi.csv")) == 10 * 107 + 10 * 130
+
+
+def test_final_blend_uses_every_model_and_beats_its_members(smoke_run):
+    workspace, _ = smoke_run
+    report = json.loads((workspace / "oof" / "ensemble.json").read_text())
+    assert sorted(report["members"]) == ["nt", "nt_k1", "nt_semi"]
+    best = min(m["mcrmse_scored"] for m in report["members"].values())
+    assert report["blend"]["mcrmse_scored"] <= best + 1e-9
+    assert len(pd.read_csv(workspace / "submissions" / "submission.csv")) == 10 * 107 + 10 * 130
+
+
+def test_rerun_skips_and_resumes_only_what_is_missing(smoke_run, data_dir):
+    workspace, _ = smoke_run
+    again = run_all(workspace, "--data-dir", str(data_dir))
+    assert again.returncode == 0 and status(again.stdout) == {stage: "skipped" for stage in STAGES}
+    (workspace / "submissions" / "nt_semi.csv").unlink()
+    (workspace / "submissions" / "submission.csv").unlink()
+    resumed = run_all(workspace, "--data-dir", str(data_dir), "--from", "05")
+    assert resumed.returncode == 0
+    assert status(resumed.stdout) == {"05_semi_supervised": "done", "06_predict": "skipped", "07_ensemble": "done"}
+    assert (workspace / "submissions" / "submission.csv").exists()
     only = run_all(workspace, "--data-dir", str(data_dir), "--only", "fold_structures", "--force")
-    assert only.returncode == 0 and "00_prepare_input" not in only.stdout.split("summary")[1]
+    assert only.returncode == 0 and status(only.stdout) == {"01_fold_structures": "done"}
 
 
 def test_failing_stage_is_named_and_stops_the_run(tmp_path):
