@@ -14,3 +14,25 @@ def columnwise_rmse(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
 
 def mcrmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(columnwise_rmse(y_true, y_pred)))
+
+
+def binary_classification_metrics(y_true, y_prob, threshold: float = 0.5) -> dict:
+    """Accuracy, MCC, sensitivity, specificity, F1, AUC-ROC and PR-AUC (scikit-learn's definitions)."""
+    from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, f1_score,
+                                 matthews_corrcoef, roc_auc_score)
+
+    y_true = np.asarray(y_true).astype(int)
+    y_prob = np.asarray(y_prob, dtype=np.float64)
+    y_pred = (y_prob >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+    both_classes = len(np.unique(y_true)) == 2
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "mcc": float(matthews_corrcoef(y_true, y_pred)),
+        "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
+        "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+        "f1": float(f1_score(y_true, y_pred, zero_division=0)),
+        "auc": float(roc_auc_score(y_true, y_prob)) if both_classes else float("nan"),
+        "pr_auc": float(average_precision_score(y_true, y_prob)) if both_classes else float("nan"),
+        "confusion": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+    }

@@ -104,3 +104,34 @@ def plot_pretraining(path, model_name: str, history: list[dict]) -> None:
     ax.set(title=f"{model_name}: pretraining reconstruction loss (sequence + structure + loop CE)",
            xlabel="epoch", ylabel="cross-entropy")
     save_figure(fig, path)
+
+
+def plot_classifier_learning_curves(path, title: str, histories: list[list[dict]]) -> None:
+    fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for fold, history in enumerate(histories):
+        epochs = [h["epoch"] for h in history]
+        loss_ax.plot(epochs, [h["train_loss"] for h in history], label=f"fold {fold}")
+        auc_ax.plot(epochs, [h["val_auc"] for h in history], label=f"fold {fold}")
+    loss_ax.set(title="training loss (BCE)", xlabel="epoch")
+    auc_ax.set(title="held-out fold AUC-ROC", xlabel="epoch")
+    auc_ax.legend(fontsize=7)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_confusion(path, title: str, labels, probabilities, threshold: float = 0.5) -> None:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay.from_predictions(labels, (np.asarray(probabilities) >= threshold).astype(int), ax=ax,
+                                            colorbar=False)
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def plot_motifs(path, title: str, table) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(table["kmer"], table["count"], color="tab:green")
+    ax.set(title=title, ylabel="count among the 3 most attended k-mers")
+    ax.tick_params(axis="x", rotation=45)
+    save_figure(fig, path)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from torch import nn
 
 from ..features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS
@@ -44,12 +45,13 @@ class KmerAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, need_weights: bool = False):
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, need_weights: bool = False):
         batch, length, d_model = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
-        bias = bias.to(q.dtype)
+        bias = None if bias is None else bias.to(q.dtype)
         if need_weights:  # explicit path, only for plots
-            scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + bias
+            scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+            scores = scores if bias is None else scores + bias
             weights = scores.softmax(dim=-1)
             context = weights @ v
         else:
@@ -58,6 +60,23 @@ class KmerAttention(nn.Module):
                                                      dropout_p=self.dropout if self.training else 0.0)
         context = context.transpose(1, 2).reshape(batch, length, d_model)
         return self.out(context), weights
+
+
+class EncoderBlock(nn.Module):
+    """Post-LayerNorm transformer encoder layer (eq. 5-8) whose attention takes an optional additive bias."""
+
+    def __init__(self, d_model: int, nhead: int, dim_ff: int, dropout: float):
+        super().__init__()
+        self.attention = KmerAttention(d_model, nhead, dropout)
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.feed_forward = Mlp(d_model, dim_ff, act_layer=nn.ReLU, drop=dropout)
+        self.ff_norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, need_weights: bool = False):
+        attended, weights = self.attention(x, bias, need_weights)
+        x = self.attn_norm(x + self.dropout(attended))
+        return self.ff_norm(x + self.feed_forward(x)), weights
 
 
 class NucleicTransformerLayer(nn.Module):

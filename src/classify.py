@@ -1,0 +1,120 @@
+"""One training loop for the sequence classifiers (NT, DanQ, nucleotide CNN) and the k-mer random forest."""
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .dna_data import DNA_ALPHABET
+from .features import tokenize
+from .models.classifiers import DanQ, NTClassifier, NucleotideCNN
+
+
+def encode_sequences(sequences: list[str], length: int | None = None) -> torch.Tensor:
+    """(N, length) token ids, 1..4 for ACGT, 0 for padding at the 3' end (to the longest sequence)."""
+    length = length or max(len(s) for s in sequences)
+    out = torch.zeros(len(sequences), length, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        tokens = tokenize(sequence[:length], DNA_ALPHABET)
+        out[row, :len(tokens)] = torch.from_numpy(tokens)
+    return out
+
+
+def mutate(tokens: torch.Tensor, nmute: int, generator: torch.Generator) -> torch.Tensor:
+    """A copy with `nmute` random positions per sequence (within its length) set to a random base; the
+    base may be the same, so about 3/4 of them change (paper 2.3.5)."""
+    if nmute <= 0:
+        return tokens
+    lengths = (tokens != 0).sum(dim=1, keepdim=True)
+    positions = (torch.rand(tokens.shape[0], nmute, generator=generator) * lengths).long()
+    bases = torch.randint(1, 5, (tokens.shape[0], nmute), generator=generator)
+    return tokens.clone().scatter_(1, positions, bases)
+
+
+def inverse_sqrt_schedule(d_model: int, warmup: int, scale: float):
+    """Learning rate of eq. 11: scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)."""
+    def lr(step: int) -> float:
+        step = max(step, 1)
+        return scale * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+    return lr
+
+
+def build_classifier(kind: str, settings, length: int) -> torch.nn.Module:
+    settings = dict(settings)
+    if kind == "nt":
+        return NTClassifier(**settings)
+    if kind == "danq":
+        return DanQ(length, **settings)
+    if kind == "cnn":
+        return NucleotideCNN(**settings)
+    raise ValueError(f"unknown classifier '{kind}' (nt, danq, cnn)")
+
+
+def fit_classifier(kind: str, model_settings, tc, tokens: torch.Tensor, labels: np.ndarray,
+                   val_tokens: torch.Tensor, val_labels: np.ndarray, seed: int, device: torch.device,
+                   desc: str = "train"):
+    """Train for tc.epochs; returns the model and a per-epoch history (train loss, held-out AUC and loss).
+
+    NT: Adam (0.9, 0.99, 1e-8, weight decay 1e-5) with the warm-up + inverse-square-root schedule.
+    DanQ and CNN: the same Adam at a constant tc.baseline_lr. Positive examples are weighted by
+    tc.pos_weight ("balanced": negatives / positives) against class imbalance.
+    """
+    from .metrics import binary_classification_metrics
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_classifier(kind, model_settings, tokens.shape[1]).to(device)
+    lr = tc.baseline_lr if kind != "nt" else 1.0
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=1e-5)
+    schedule = (inverse_sqrt_schedule(model_settings["d_model"], tc.warmup_steps, tc.lr_scale)
+                if kind == "nt" else (lambda step: 1.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step + 1))
+    labels_t = torch.as_tensor(labels, dtype=torch.float32)
+    positives = float(labels_t.sum())
+    pos_weight = ((len(labels_t) - positives) / max(positives, 1.0) if tc.pos_weight == "balanced"
+                  else float(tc.pos_weight))
+    history = []
+    for epoch in range(tc.epochs):
+        start = time.time()
+        model.train()
+        order = torch.randperm(len(tokens), generator=generator)
+        losses = []
+        for batch in tqdm(order.split(tc.batch_size), desc=f"{desc} epoch {epoch + 1}/{tc.epochs}", leave=False):
+            x = mutate(tokens[batch], tc.nmute, generator).to(device)
+            logits = model(x)
+            loss = F.binary_cross_entropy_with_logits(logits, labels_t[batch].to(device),
+                                                      pos_weight=torch.tensor(pos_weight, device=device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        probs = predict_proba(model, val_tokens, device, tc.batch_size * 4)
+        scores = binary_classification_metrics(val_labels, probs)
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_auc": scores["auc"],
+                        "val_accuracy": scores["accuracy"], "seconds": round(time.time() - start, 2)})
+    return model, history
+
+
+@torch.no_grad()
+def predict_proba(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int) -> np.ndarray:
+    model.eval()
+    return np.concatenate([torch.sigmoid(model(chunk.to(device))).cpu().numpy()
+                           for chunk in tokens.split(batch_size)])
+
+
+def kmer_frequencies(sequences: list[str], ks: tuple[int, ...]) -> np.ndarray:
+    """Per sequence, the frequency of every k-mer for each k in ks (ViraMiner's baseline features)."""
+    columns = {"".join(p): i for i, p in enumerate(itertools.chain.from_iterable(
+        itertools.product(DNA_ALPHABET, repeat=k) for k in ks))}
+    features = np.zeros((len(sequences), len(columns)), dtype=np.float32)
+    for row, sequence in enumerate(sequences):
+        for k in ks:
+            total = max(len(sequence) - k + 1, 1)
+            for i in range(len(sequence) - k + 1):
+                features[row, columns[sequence[i:i + k]]] += 1.0 / total
+    return features

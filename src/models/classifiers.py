@@ -1,0 +1,114 @@
+"""Sequence classifiers for the DNA/RNA tasks (promoter, viral, mirtron): the Nucleic Transformer for
+classification (paper 2.2.1-2.2.3) and two baselines, DanQ (seed 004) and the nucleotide-level CNN
+(seed 000). Inputs are token ids (B, L): 0 = N / padding, 1..4 = A, C, G, T."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nucleic_transformer import EncoderBlock
+
+N_TOKENS = 5  # N/padding + ACGT
+
+
+def sinusoidal_encoding(length: int, d_model: int, base: float = 10000.0) -> torch.Tensor:
+    """(L, d_model) sine/cosine positional encoding of the vanilla transformer (eq. 3-4)."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(base) / d_model))
+    encoding = torch.zeros(length, d_model)
+    encoding[:, 0::2] = torch.sin(position * frequency)
+    encoding[:, 1::2] = torch.cos(position * frequency)[:, : d_model // 2]
+    return encoding
+
+
+class NTClassifier(nn.Module):
+    """Nucleotide embedding + positional encoding -> k-mer convolution (no padding) + LayerNorm ->
+    transformer encoder stack -> mean over k-mers -> one logit."""
+
+    def __init__(self, k: int = 7, nlayer: int = 6, d_model: int = 256, nhead: int = 8, dim_ff: int = 1024,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.k = k
+        self.embedding = nn.Embedding(N_TOKENS, d_model, padding_idx=0)
+        self.input_dropout = nn.Dropout(dropout)
+        self.kmer_conv = nn.Conv1d(d_model, d_model, k)
+        self.kmer_norm = nn.LayerNorm(d_model)
+        self.blocks = nn.ModuleList(EncoderBlock(d_model, nhead, dim_ff, dropout) for _ in range(nlayer))
+        self.head = nn.Linear(d_model, 1)
+
+    def encode(self, tokens: torch.Tensor, need_weights: bool = False):
+        length = tokens.shape[1]
+        x = self.embedding(tokens) + sinusoidal_encoding(length, self.embedding.embedding_dim).to(tokens.device)
+        x = self.input_dropout(x)
+        kmers = self.kmer_norm(self.kmer_conv(x.transpose(1, 2)).transpose(1, 2))
+        valid = self._valid_kmers(tokens)  # k-mers that touch padding are masked as keys and pooled out
+        bias = torch.zeros(valid.shape, device=tokens.device).masked_fill(~valid, float("-inf"))[:, None, None, :]
+        maps = []
+        for block in self.blocks:
+            kmers, weights = block(kmers, bias, need_weights)
+            maps.append(weights)
+        pooled = (kmers * valid[..., None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)
+        return pooled, maps
+
+    def _valid_kmers(self, tokens: torch.Tensor) -> torch.Tensor:
+        lengths = (tokens != 0).sum(dim=1)
+        positions = torch.arange(tokens.shape[1] - self.k + 1, device=tokens.device)
+        return positions[None, :] < (lengths[:, None] - self.k + 1).clamp(min=1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encode(tokens)[0]).squeeze(-1)
+
+    @torch.no_grad()
+    def attention_maps(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Attention weights per block, (B, nhead, L-k+1, L-k+1)."""
+        return self.encode(tokens, need_weights=True)[1]
+
+
+def one_hot(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L) token ids -> (B, 4, L); N / padding is all zeros."""
+    return F.one_hot(tokens, N_TOKENS)[..., 1:].transpose(1, 2).float()
+
+
+class DanQ(nn.Module):
+    """One-hot -> convolution + ReLU + max-pool + dropout -> bidirectional LSTM + dropout -> dense -> logit."""
+
+    def __init__(self, length: int, filters: int = 320, kernel: int = 26, pool: int = 13, lstm: int = 320,
+                 dense: int = 925, dropout_conv: float = 0.2, dropout_lstm: float = 0.5):
+        super().__init__()
+        self.conv = nn.Conv1d(4, filters, kernel)
+        self.pool = nn.MaxPool1d(pool, pool)
+        self.dropout_conv = nn.Dropout(dropout_conv)
+        self.lstm = nn.LSTM(filters, lstm, batch_first=True, bidirectional=True)
+        self.dropout_lstm = nn.Dropout(dropout_lstm)
+        steps = (length - kernel + 1) // pool
+        if steps < 1:
+            raise ValueError(f"sequences of length {length} are too short for kernel {kernel} and pool {pool}")
+        self.dense = nn.Linear(2 * lstm * steps, dense)
+        self.head = nn.Linear(dense, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.dropout_conv(self.pool(F.relu(self.conv(one_hot(tokens)))))
+        x, _ = self.lstm(x.transpose(1, 2))
+        x = self.dropout_lstm(x).flatten(1)
+        return self.head(F.relu(self.dense(x))).squeeze(-1)
+
+
+class NucleotideCNN(nn.Module):
+    """One-hot -> parallel convolutions (widths 3-6, 32 filters each, ReLU) -> global max-pool ->
+    dense 128 + dropout -> logit (the CNN-concat-filters model of seed 000)."""
+
+    def __init__(self, widths: tuple[int, ...] = (3, 4, 5, 6), filters: int = 32, dense: int = 128,
+                 dropout: float = 0.5):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(4, filters, w) for w in widths)
+        self.dense = nn.Linear(filters * len(widths), dense)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(dense, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = one_hot(tokens)
+        pooled = torch.cat([F.relu(conv(x)).amax(dim=-1) for conv in self.convs], dim=1)
+        return self.head(self.dropout(F.relu(self.dense(pooled)))).squeeze(-1)

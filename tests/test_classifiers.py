@@ -1,0 +1,63 @@
+"""Classifiers (NT, DanQ, CNN), the mutation noise, eq. 11, k-mer features, and a smoke stage 10."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import isolated, load_kernel
+from src.classify import encode_sequences, inverse_sqrt_schedule, kmer_frequencies, mutate
+from src.models.classifiers import DanQ, NTClassifier, NucleotideCNN
+
+
+@pytest.mark.parametrize("length", [81, 300, 164])
+def test_forward_shapes_and_padding(length):
+    tokens = torch.randint(1, 5, (3, length))
+    tokens[2, length // 2:] = 0  # a shorter, padded sequence
+    models = [NTClassifier(k=7, nlayer=2, d_model=32, nhead=4, dim_ff=64),
+              DanQ(length, filters=16, lstm=8, dense=16), NucleotideCNN()]
+    for model in models:
+        assert model(tokens).shape == (3,)
+    nt = models[0].eval()
+    last = nt.attention_maps(tokens)[-1]
+    assert last.shape == (3, 4, length - 6, length - 6)
+    assert torch.all(last[2, :, :, length // 2 - 6:] == 0), "padded k-mers get no attention"
+
+
+def test_mutation_count_stays_within_each_sequence():
+    tokens = encode_sequences(["ACGTACGTAC", "ACG"])
+    mutated = mutate(tokens.repeat(500, 1), 4, torch.Generator().manual_seed(0))
+    assert torch.all(mutated[1::2, 3:] == 0), "padding is never mutated"
+    changed = (mutated[0::2] != tokens[0]).sum(dim=1).float().mean().item()
+    assert 2.3 < changed < 3.0  # 4 picks, 3/4 change, some picks collide
+    assert torch.equal(tokens, encode_sequences(["ACGTACGTAC", "ACG"])), "input untouched"
+
+
+def test_inverse_sqrt_schedule_peaks_at_warmup():
+    lr = inverse_sqrt_schedule(256, 3200, 0.1)
+    assert lr(3200) == pytest.approx(0.1 / 16 / np.sqrt(3200))
+    assert lr(1600) < lr(3200) and lr(6400) < lr(3200)
+    assert lr(12800) == pytest.approx(lr(3200) / 2)
+
+
+def test_kmer_frequencies_sum_to_one_per_k():
+    features = kmer_frequencies(["ACGTAC", "AAAA"], (1, 2))
+    assert features.shape == (2, 4 + 16)
+    assert features[:, :4].sum(axis=1) == pytest.approx([1, 1]) and features[1, 0] == 1.0
+
+
+def test_smoke_promoter_stage_writes_metrics_and_motifs(data_dir, tmp_path):
+    workspace = tmp_path / "ws"
+    args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace), "--set", "train.threads=1"]
+    assert load_kernel("00_prepare_input").main(args) == 0
+    assert load_kernel("10_promoter").main(args) == 0
+    metrics = json.loads((workspace / "oof" / "promoter_metrics.json").read_text())
+    assert {"accuracy", "mcc", "sensitivity", "specificity", "per_fold", "model", "config"} <= set(metrics)
+    assert len(metrics["per_fold"]) == 5 and metrics["model"] == "nt" and 0 <= metrics["accuracy"] <= 1
+    assert metrics["accuracy"] == pytest.approx(np.mean([f["accuracy"] for f in metrics["per_fold"]]))
+    motifs = (workspace / "oof" / "promoter_motifs.csv").read_text().splitlines()
+    assert motifs[0] == "kmer,count" and len(motifs[1].split(",")[0]) == 7
+    for figure in ("promoter_learning_curves.png", "promoter_confusion.png", "promoter_motifs.png"):
+        assert (workspace / "figures" / figure).stat().st_size > 5_000
