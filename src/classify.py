@@ -1,7 +1,6 @@
 """One training loop for the sequence classifiers (NT, DanQ, nucleotide CNN) and the k-mer random forest."""
 from __future__ import annotations
 
-import itertools
 import time
 
 import numpy as np
@@ -56,8 +55,10 @@ def build_classifier(kind: str, settings, length: int) -> torch.nn.Module:
 
 def fit_classifier(kind: str, model_settings, tc, tokens: torch.Tensor, labels: np.ndarray,
                    val_tokens: torch.Tensor, val_labels: np.ndarray, seed: int, device: torch.device,
-                   desc: str = "train"):
+                   desc: str = "train", select_best: bool = False):
     """Train for tc.epochs; returns the model and a per-epoch history (train loss, held-out AUC and loss).
+    select_best=True returns the weights of the epoch with the best validation AUC (only for a
+    validation set that is not the test set); otherwise the final weights.
 
     NT: Adam (0.9, 0.99, 1e-8, weight decay 1e-5) with the warm-up + inverse-square-root schedule.
     DanQ and CNN: the same Adam at a constant tc.baseline_lr. Positive examples are weighted by
@@ -77,7 +78,7 @@ def fit_classifier(kind: str, model_settings, tc, tokens: torch.Tensor, labels: 
     positives = float(labels_t.sum())
     pos_weight = ((len(labels_t) - positives) / max(positives, 1.0) if tc.pos_weight == "balanced"
                   else float(tc.pos_weight))
-    history = []
+    history, best_auc, best_state = [], -1.0, None
     for epoch in range(tc.epochs):
         start = time.time()
         model.train()
@@ -97,6 +98,11 @@ def fit_classifier(kind: str, model_settings, tc, tokens: torch.Tensor, labels: 
         scores = binary_classification_metrics(val_labels, probs)
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_auc": scores["auc"],
                         "val_accuracy": scores["accuracy"], "seconds": round(time.time() - start, 2)})
+        if select_best and scores["auc"] > best_auc:
+            best_auc = scores["auc"]
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return model, history
 
 
@@ -109,12 +115,16 @@ def predict_proba(model: torch.nn.Module, tokens: torch.Tensor, device: torch.de
 
 def kmer_frequencies(sequences: list[str], ks: tuple[int, ...]) -> np.ndarray:
     """Per sequence, the frequency of every k-mer for each k in ks (ViraMiner's baseline features)."""
-    columns = {"".join(p): i for i, p in enumerate(itertools.chain.from_iterable(
-        itertools.product(DNA_ALPHABET, repeat=k) for k in ks))}
-    features = np.zeros((len(sequences), len(columns)), dtype=np.float32)
-    for row, sequence in enumerate(sequences):
-        for k in ks:
-            total = max(len(sequence) - k + 1, 1)
-            for i in range(len(sequence) - k + 1):
-                features[row, columns[sequence[i:i + k]]] += 1.0 / total
-    return features
+    blocks = []
+    for k in ks:
+        rows = []
+        for sequence in sequences:
+            codes = tokenize(sequence, DNA_ALPHABET) - 1
+            if len(codes) < k:
+                rows.append(np.zeros(4 ** k, dtype=np.float32))
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(codes, k)
+            index = windows @ (4 ** np.arange(k - 1, -1, -1))
+            rows.append(np.bincount(index, minlength=4 ** k).astype(np.float32) / len(index))
+        blocks.append(np.stack(rows))
+    return np.concatenate(blocks, axis=1)

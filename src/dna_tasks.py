@@ -1,5 +1,5 @@
-"""Classification stages: cross-validated classifiers with metrics, OOF probabilities, figures and
-attention motifs. Stage 10 (promoter) so far; stages 11 (viral) and 12 (mirna) reuse run_cv."""
+"""Classification stages 10 (promoter), 11 (viral) and 12 (mirna): classifiers evaluated by
+cross-validation or held-out splits, with metrics JSONs, OOF probabilities, figures and attention motifs."""
 from __future__ import annotations
 
 import collections
@@ -12,7 +12,7 @@ import torch
 
 from .classify import encode_sequences, fit_classifier, predict_proba
 from .config import Config, Paths
-from .dna_data import read_promoter
+from .dna_data import read_mirna, read_promoter, read_viral
 from .io_utils import read_pickle, write_csv, write_json, write_pickle
 from .metrics import binary_classification_metrics
 from .stage import artifact_meta
@@ -115,3 +115,139 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
         plot_motifs(motif_png, "k-mers most attended in correctly predicted promoters", table.head(10))
         outputs += [motif_csv, motif_png]
     return outputs, {k: round(v, 4) for k, v in result["summary"].items() if k in ("accuracy", "mcc")}
+
+
+def _data_key(cfg: Config, section: str, relative: str) -> dict:
+    path = Paths(cfg).input / relative
+    files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
+    digest = hashlib.sha1(b"".join(f.read_bytes() for f in files if f.exists())).hexdigest()
+    return {section: dict(cfg[section]), "seed": cfg.seed, "data_sha1": digest}
+
+
+def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_idx, val_idx, test_idx,
+                  cache: Path, device) -> dict:
+    """Train `kind` on train_idx, score test_idx; cached. With val_idx, the epoch with the best
+    validation AUC is kept; without (None), the last epoch (the test set then only draws the curves)."""
+    if not cache.exists():
+        labels = frame.label.to_numpy()
+        if kind == "rf":
+            probs, history = _random_forest(cfg, task_cfg, frame, train_idx, test_idx), []
+        else:
+            tokens = encode_sequences(list(frame.sequence))
+            watch = test_idx if val_idx is None else val_idx
+            model, history = fit_classifier(kind, task_cfg[kind], task_cfg, tokens[train_idx], labels[train_idx],
+                                            tokens[watch], labels[watch], cfg.seed, device,
+                                            desc=f"{cache.stem}", select_best=val_idx is not None)
+            probs = predict_proba(model, tokens[test_idx], device, 256)
+        write_pickle(cache, {"probs": probs, "history": history})
+    result = read_pickle(cache)
+    return {**result, "metrics": binary_classification_metrics(frame.label.to_numpy()[test_idx], result["probs"])}
+
+
+def _random_forest(cfg: Config, task_cfg, frame: pd.DataFrame, train_idx, test_idx) -> np.ndarray:
+    from sklearn.ensemble import RandomForestClassifier
+
+    from .classify import kmer_frequencies
+
+    features = kmer_frequencies(list(frame.sequence), tuple(task_cfg.rf.ks))
+    forest = RandomForestClassifier(n_estimators=task_cfg.rf.trees, class_weight="balanced_subsample",
+                                    n_jobs=-1, random_state=cfg.seed)
+    forest.fit(features[train_idx], frame.label.to_numpy()[train_idx])
+    return forest.predict_proba(features[test_idx])[:, 1]
+
+
+def _split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    return tuple(train_test_split(indices, test_size=fraction, stratify=labels[indices], random_state=seed))
+
+
+def viral_key(cfg: Config) -> dict:
+    return _data_key(cfg, "viral", "viral")
+
+
+def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
+    """(a) one whole experiment held out, train/validate on the others; (b) a stratified random split.
+    Class imbalance (~2 % viral): positives weighted by negatives/positives in the BCE loss, balanced
+    class weights in the random forest, and PR-AUC reported beside AUC-ROC."""
+    from .plots import plot_roc
+
+    paths, vc = Paths(cfg), cfg.viral
+    configure_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    frame = stratified_subset(read_viral(paths.input / "viral"), vc.max_rows, cfg.seed)
+    labels = frame.label.to_numpy()
+    everything = np.arange(len(frame))
+    held_out = everything[frame.group.to_numpy() == vc.holdout_experiment]
+    if not len(held_out):
+        from .stage import InputError
+        raise InputError(paths.input / "viral", f"no sequences of experiment '{vc.holdout_experiment}' "
+                         f"(viral.holdout_experiment; found {', '.join(sorted(frame.group.unique()))})")
+    others = np.setdiff1d(everything, held_out)
+    protocols = {"experiment": (*_split(others, labels, vc.validation_fraction, cfg.seed), held_out)}
+    train_val, random_test = _split(everything, labels, vc.test_fraction, cfg.seed)
+    protocols["random_split"] = (*_split(train_val, labels, vc.validation_fraction, cfg.seed), random_test)
+    work = paths.run / "viral"
+    if force and work.exists():
+        import shutil
+        shutil.rmtree(work)
+    results = {(p, kind): fit_and_score(cfg, vc, kind, frame, *idx, work / f"{p}_{kind}.pkl", device)
+               for p, idx in protocols.items() for kind in vc.models}
+    report = {f"{p}/{kind}": {m: r["metrics"][m] for m in ("auc", "pr_auc", "accuracy", "mcc")} |
+              {"n_test": len(protocols[p][2]), "n_test_viral": int(labels[protocols[p][2]].sum())}
+              for (p, kind), r in results.items()}
+    headline = report.get("experiment/nt", report[f"experiment/{vc.models[0]}"])
+    metrics = paths.oof / "viral_metrics.json"
+    write_json(metrics, {"auc": headline["auc"], "pr_auc": headline["pr_auc"],
+                         "holdout_experiment": vc.holdout_experiment, "results": report,
+                         "imbalance": "BCE pos_weight = negatives/positives; RF class_weight=balanced_subsample",
+                         **artifact_meta(cfg)})
+    roc = paths.figures / "viral_roc.png"
+    plot_roc(roc, "viral contigs: ROC", {f"{p}/{k}": (labels[protocols[p][2]], r["probs"])
+                                        for (p, k), r in results.items()})
+    return [metrics, roc], {k: round(v["auc"], 4) for k, v in report.items()}
+
+
+def mirna_key(cfg: Config) -> dict:
+    return _data_key(cfg, "mirna", "mirna")
+
+
+def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
+    """Mirtron vs canonical pre-miRNA: the paper's stratified 70/30 split (fixed seed) and stratified
+    K-fold CV, for every model in mirna.models."""
+    from .plots import plot_confusion
+
+    paths, mc = Paths(cfg), cfg.mirna
+    configure_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    frame = stratified_subset(read_mirna(paths.input / "mirna"), mc.max_rows, cfg.seed)
+    labels = frame.label.to_numpy()
+    train_idx, test_idx = _split(np.arange(len(frame)), labels, 0.3, cfg.seed)
+    work = paths.run / "mirna"
+    if force and work.exists():
+        import shutil
+        shutil.rmtree(work)
+    rows, figures = {}, []
+    for kind in mc.models:
+        # The paper protocol has no validation set: train for mirna.epochs, score once on the 30 %.
+        split = fit_and_score(cfg, with_kind(mc, kind), kind, frame, train_idx, None, test_idx,
+                              work / f"paper_{kind}.pkl", device)
+        cv = run_cv(cfg, with_kind(mc, kind), frame, work / f"cv_{kind}", device)
+        rows[kind] = {"paper_protocol": _five(split["metrics"]), "cv": _five(cv["summary"])}
+        figure = paths.figures / f"mirna_confusion_{kind}.png"
+        plot_confusion(figure, f"mirtron vs canonical ({kind}), 30 % test", labels[test_idx], split["probs"])
+        figures.append(figure)
+    best = max(rows, key=lambda k: rows[k]["paper_protocol"]["mcc"])
+    metrics = paths.oof / "mirna_metrics.json"
+    write_json(metrics, {"mcc": rows[best]["paper_protocol"]["mcc"],
+                         "accuracy": rows[best]["paper_protocol"]["accuracy"], "best_model": best,
+                         "models": rows, "n_sequences": len(frame), **artifact_meta(cfg)})
+    return [metrics, *figures], {k: round(v["paper_protocol"]["mcc"], 4) for k, v in rows.items()}
+
+
+def with_kind(task_cfg, kind: str) -> Config:
+    return Config({**task_cfg, "model": kind})
+
+
+def _five(metrics: dict) -> dict:
+    return {m: metrics[m] for m in ("sensitivity", "specificity", "f1", "mcc", "accuracy")}

@@ -135,3 +135,16 @@ def plot_motifs(path, title: str, table) -> None:
     ax.set(title=title, ylabel="count among the 3 most attended k-mers")
     ax.tick_params(axis="x", rotation=45)
     save_figure(fig, path)
+
+
+def plot_roc(path, title: str, curves: dict) -> None:
+    """ROC curves: {label: (y_true, y_probability)}."""
+    from sklearn.metrics import RocCurveDisplay
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for label, (truth, probability) in curves.items():
+        RocCurveDisplay.from_predictions(truth, probability, name=label, ax=ax)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)

@@ -61,3 +61,34 @@ def test_smoke_promoter_stage_writes_metrics_and_motifs(data_dir, tmp_path):
     assert motifs[0] == "kmer,count" and len(motifs[1].split(",")[0]) == 7
     for figure in ("promoter_learning_curves.png", "promoter_confusion.png", "promoter_motifs.png"):
         assert (workspace / "figures" / figure).stat().st_size > 5_000
+
+
+@pytest.fixture(scope="module")
+def prepared_inputs(data_dir, tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("dna")
+    args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace), "--set", "train.threads=1"]
+    assert load_kernel("00_prepare_input").main(args) == 0
+    return workspace, args
+
+
+def test_smoke_viral_stage_reports_every_model_and_protocol(prepared_inputs):
+    workspace, args = prepared_inputs
+    assert load_kernel("11_viral").main(args) == 0
+    metrics = json.loads((workspace / "oof" / "viral_metrics.json").read_text())
+    assert metrics["auc"] == metrics["results"]["experiment/nt"]["auc"]
+    assert sorted(metrics["results"]) == sorted(f"{p}/{m}" for p in ("experiment", "random_split")
+                                                for m in ("nt", "danq", "rf"))
+    assert metrics["results"]["experiment/nt"]["n_test"] == metrics["results"]["experiment/rf"]["n_test"]
+    assert (workspace / "figures" / "viral_roc.png").stat().st_size > 10_000
+
+
+def test_smoke_mirna_stage_reports_paper_protocol_and_cv(prepared_inputs):
+    workspace, args = prepared_inputs
+    assert load_kernel("12_mirna").main(args) == 0
+    metrics = json.loads((workspace / "oof" / "mirna_metrics.json").read_text())
+    assert set(metrics["models"]) == {"nt", "cnn", "danq"}
+    best = metrics["models"][metrics["best_model"]]["paper_protocol"]
+    assert metrics["mcc"] == best["mcc"] == max(m["paper_protocol"]["mcc"] for m in metrics["models"].values())
+    for row in metrics["models"].values():
+        assert set(row["cv"]) == {"sensitivity", "specificity", "f1", "mcc", "accuracy"}
+    assert metrics["n_sequences"] == 1124

@@ -14,7 +14,7 @@ from src.structures import StructureStore
 from src.submission import expected_ids
 
 STAGES = ("00_prepare_input", "01_fold_structures", "02_pretrain", "03_train_folds", "04_pseudo_label",
-          "05_semi_supervised", "06_predict", "07_ensemble", "10_promoter")
+          "05_semi_supervised", "06_predict", "07_ensemble", "10_promoter", "11_viral", "12_mirna")
 
 
 def run_all(workspace, *args):
@@ -98,7 +98,7 @@ def test_rerun_skips_and_resumes_only_what_is_missing(smoke_run, data_dir):
     resumed = run_all(workspace, "--data-dir", str(data_dir), "--from", "05")
     assert resumed.returncode == 0
     assert status(resumed.stdout) == {"05_semi_supervised": "done", "06_predict": "skipped", "07_ensemble": "done",
-                                      "10_promoter": "skipped"}
+                                      "10_promoter": "skipped", "11_viral": "skipped", "12_mirna": "skipped"}
     assert (workspace / "submissions" / "submission.csv").exists()
     only = run_all(workspace, "--data-dir", str(data_dir), "--only", "fold_structures", "--force")
     assert only.returncode == 0 and status(only.stdout) == {"01_fold_structures": "done"}
