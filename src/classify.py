@@ -106,6 +106,22 @@ def fit_classifier(kind: str, model_settings, tc, tokens: torch.Tensor, labels: 
     return model, history
 
 
+def save_classifier(path, kind: str, settings, length: int, model: torch.nn.Module) -> None:
+    """Weights plus what rebuilding the model needs (the predict command reads these)."""
+    from .io_utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"kind": kind, "settings": dict(settings), "length": length, "model": model.state_dict()}, tmp)
+
+
+def load_classifier(path, device: torch.device) -> tuple[torch.nn.Module, int]:
+    """(model in eval mode, the sequence length it was trained on)."""
+    saved = torch.load(path, map_location=device, weights_only=False)
+    model = build_classifier(saved["kind"], saved["settings"], saved["length"]).to(device)
+    model.load_state_dict(saved["model"])
+    return model.eval(), saved["length"]
+
+
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int) -> np.ndarray:
     model.eval()

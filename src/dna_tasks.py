@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .classify import encode_sequences, fit_classifier, predict_proba
+from .classify import encode_sequences, fit_classifier, predict_proba, save_classifier
 from .config import Config, Paths
 from .dna_data import read_mirna, read_promoter, read_viral
 from .io_utils import read_pickle, write_csv, write_json, write_pickle
@@ -49,6 +49,7 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
             probs = predict_proba(model, tokens[val_idx], device, 256)
             found = (attention_motifs(model, tokens[val_idx], labels[val_idx], probs, frame.sequence.iloc[val_idx])
                      if task_cfg.model == "nt" else {})
+            save_classifier(cache.with_suffix(".pt"), task_cfg.model, task_cfg[task_cfg.model], tokens.shape[1], model)
             write_pickle(cache, {"probs": probs, "history": history, "motifs": dict(found)})
         result = read_pickle(cache)
         folds[val_idx], probabilities[val_idx] = fold, result["probs"]
@@ -139,6 +140,7 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
                                             tokens[watch], labels[watch], cfg.seed, device,
                                             desc=f"{cache.stem}", select_best=val_idx is not None)
             probs = predict_proba(model, tokens[test_idx], device, 256)
+            save_classifier(cache.with_suffix(".pt"), kind, task_cfg[kind], tokens.shape[1], model)
         write_pickle(cache, {"probs": probs, "history": history})
     result = read_pickle(cache)
     return {**result, "metrics": binary_classification_metrics(frame.label.to_numpy()[test_idx], result["probs"])}

@@ -13,10 +13,12 @@ from .io_utils import write_json
 class InputError(Exception):
     """Bad user input: the message names the file, the row and the field."""
 
-    def __init__(self, file, problem: str, row=None, field: str | None = None):
+    def __init__(self, file, problem: str, row=None, field: str | None = None, record: str | None = None):
         where = [str(file)]
         if row is not None:
             where.append(f"row {row}")
+        if record is not None:
+            where.append(f"record '{record}'")
         if field is not None:
             where.append(f"field '{field}'")
         super().__init__(f"{': '.join(where)}: {problem}")

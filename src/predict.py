@@ -1,0 +1,168 @@
+"""Predict new sequences with trained weights, for every task.
+
+    python -m src.predict openvaccine --input new.fasta --output degradation.csv [--preset cpu]
+    python -m src.predict promoter    --input seqs.csv  --output promoter_probs.csv [--weights fold0.pt ...]
+
+Input: FASTA, or CSV with a `sequence` column (and `id` or `name`). OpenVaccine: RNA (ACGU, T read as
+U) up to 500 nt, folded on the fly with the preset's 12 structure predictions; the output has one row
+per position (`id_seqpos` + 5 targets), averaged over folds and structures. Classifiers: DNA/RNA
+(ACGT, U read as T) up to the length the model was trained on; the output is `id,probability`.
+A bad record stops with one line naming the file and the record.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import ConfigError, Paths, load_config
+from .stage import InputError
+
+MAX_RNA_LENGTH = 500
+TASKS = ("openvaccine", "promoter", "viral", "mirna")
+
+
+def read_records(path: Path) -> list[tuple[str, str]]:
+    """(id, raw sequence) from a FASTA file or a CSV with a `sequence` column."""
+    if not path.exists():
+        raise InputError(path, "file not found")
+    text = path.read_text()
+    if text.lstrip().startswith(">"):
+        records, name, chunks = [], None, []
+        for line in text.splitlines():
+            if line.startswith(">"):
+                if name is not None:
+                    records.append((name, "".join(chunks)))
+                name, chunks = line[1:].strip() or f"record{len(records) + 1}", []
+            elif line.strip():
+                chunks.append(line.strip())
+        records.append((name, "".join(chunks)))
+        return records
+    rows = list(csv.DictReader(text.splitlines()))
+    if not rows or "sequence" not in rows[0]:
+        raise InputError(path, "expected FASTA (>id lines) or CSV with a 'sequence' column")
+    return [(row.get("id") or row.get("name") or f"row{n}", row["sequence"] or "") for n, row in enumerate(rows, 2)]
+
+
+def clean_records(records, path: Path, alphabet: str, swap: tuple[str, str], max_length: int) -> list[tuple[str, str]]:
+    cleaned = []
+    for name, raw in records:
+        sequence = raw.strip().upper().replace(*swap)
+        if not sequence:
+            raise InputError(path, "empty sequence", record=name)
+        if len(sequence) > max_length:
+            raise InputError(path, f"{len(sequence)} nt is longer than the {max_length} nt this model takes",
+                             record=name)
+        bad = next((i for i, ch in enumerate(sequence) if ch not in alphabet), None)
+        if bad is not None:
+            raise InputError(path, f"character {raw.strip()[bad]!r} at position {bad} is not one of '{alphabet}'",
+                             record=name)
+        cleaned.append((name, sequence))
+    return cleaned
+
+
+def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFrame:
+    from .dataset import RNATensors
+    from .features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS, tokenize
+    from .folding import make_source
+    from .loop_types import loop_types
+    from .structures import prediction_slots
+    from .submission import predictions_frame
+    from .train import build_model, predict
+
+    sequences = [s for _, s in records]
+    slots = prediction_slots(cfg.fold)
+    folded = [make_source(slot.source, cfg.fold).fold(sequences, slot.temperature) for slot in slots]
+    minimum = cfg.fold.bpp_min
+    data = RNATensors(
+        ids=[name for name, _ in records],
+        sequence=[tokenize(s, SEQUENCE_TOKENS) for s in sequences],
+        structure=[np.stack([tokenize(f[i].structure, STRUCTURE_TOKENS) for f in folded]) for i in range(len(records))],
+        loop=[np.stack([tokenize(loop_types(f[i].structure), LOOP_TOKENS) for f in folded]) for i in range(len(records))],
+        bpp=[np.stack([np.where(f[i].bpp >= minimum, f[i].bpp, 0).astype(np.float16) for f in folded])
+             for i in range(len(records))],
+        seq_scored=np.array([len(s) for s in sequences]))
+    everything = np.arange(len(records))
+    per_model = []
+    for path in weights:
+        model = build_model(cfg.model).to(device)
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
+        per_model.append(predict(model, data, everything, device, cfg.train.eval_batch_size, cfg.train.bf16,
+                                 desc=path.parent.name))
+    mean = [np.mean([p[i] for p in per_model], axis=0) for i in everything]
+    return predictions_frame(data.ids, mean, [len(s) for s in sequences])
+
+
+def predict_classifier(records, weights: list[Path], path: Path, device) -> pd.DataFrame:
+    from .classify import encode_sequences, load_classifier, predict_proba
+    from .dna_data import DNA_ALPHABET
+
+    models = [load_classifier(w, device) for w in weights]
+    length = models[0][1]
+    cleaned = clean_records(records, path, DNA_ALPHABET, ("U", "T"), length)
+    tokens = encode_sequences([s for _, s in cleaned], length)
+    probability = np.mean([predict_proba(model, tokens, device, 256) for model, _ in models], axis=0)
+    return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": probability})
+
+
+def default_weights(cfg, task: str) -> list[Path]:
+    run = Paths(cfg).run
+    if task == "openvaccine":
+        found = sorted((run / "models" / cfg.model.name).glob("fold*/best.pt"))
+        stage = "03_train_folds"
+    elif task == "promoter":
+        found = sorted((run / "promoter" / cfg.promoter.model).glob("fold*.pt"))
+        stage = "10_promoter"
+    elif task == "viral":
+        found = sorted((run / "viral").glob(f"experiment_{cfg.viral.models[0]}.pt"))
+        stage = "11_viral"
+    else:
+        import json
+
+        metrics = Paths(cfg).oof / "mirna_metrics.json"
+        best = json.loads(metrics.read_text())["best_model"] if metrics.exists() else cfg.mirna.models[0]
+        found = sorted((run / "mirna").glob(f"paper_{best}.pt"))
+        stage = "12_mirna"
+    if not found:
+        raise InputError(run, f"no trained weights for {task}: run stage {stage} (preset {cfg.preset}) or pass --weights")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("--input", required=True, help="FASTA or CSV of sequences")
+    parser.add_argument("--output", required=True, help="CSV to write")
+    parser.add_argument("--preset", default="cpu", help="preset the weights were trained with")
+    parser.add_argument("--weights", nargs="*", help="checkpoint file(s); default: the preset's trained ones")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        from .io_utils import write_csv
+        from .train import resolve_device
+
+        cfg = load_config(args.preset, args.overrides)
+        device = resolve_device(cfg.train.device)
+        path = Path(args.input)
+        records = read_records(path)
+        weights = [Path(w) for w in args.weights] if args.weights else default_weights(cfg, args.task)
+        if args.task == "openvaccine":
+            cleaned = clean_records(records, path, "ACGU", ("T", "U"), MAX_RNA_LENGTH)
+            frame = predict_openvaccine(cfg, cleaned, weights, device)
+        else:
+            frame = predict_classifier(records, weights, path, device)
+        write_csv(args.output, frame)
+    except (InputError, ConfigError) as err:
+        print(f"ERROR {err}", file=sys.stderr)
+        return 2
+    print(f"{args.output}: {len(frame)} rows from {len(records)} sequences, {len(weights)} checkpoint(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

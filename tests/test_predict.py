@@ -1,0 +1,69 @@
+"""The predict command: round trips on a tiny FASTA for OpenVaccine and a classifier; bad records."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from conftest import isolated, load_kernel
+from src.predict import main
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """Smoke OpenVaccine model (2 folds x 1 epoch) and smoke promoter classifiers."""
+    workspace = tmp_path_factory.mktemp("predict")
+    args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace), "--set", "train.threads=1",
+            "--set", "train.folds=2", "--set", "train.epochs=1"]
+    for stage in ("00_prepare_input", "01_fold_structures", "03_train_folds", "10_promoter"):
+        assert load_kernel(stage).main(args) == 0, stage
+    return workspace, args
+
+
+def fasta(path, records):
+    path.write_text("".join(f">{name}\n{seq}\n" for name, seq in records))
+    return path
+
+
+def test_openvaccine_round_trip_any_length(trained, tmp_path, test_rows, capsys):
+    workspace, args = trained
+    records = [("public", test_rows[0]["sequence"]), ("odd", "GGAAAGCUCUAAUAACAGGAGACUAGGACUACGUAUUUCUAGG"),
+               ("dna_letters", "GGAAACCTTTGGGAAACCC")]
+    out = tmp_path / "out.csv"
+    assert main(["openvaccine", "--input", str(fasta(tmp_path / "in.fa", records)), "--output", str(out),
+                 *args[:2], *args[4:]]) == 0
+    frame = pd.read_csv(out)
+    assert len(frame) == 107 + 43 + 19
+    assert frame.id_seqpos.iloc[0] == "public_0" and frame.id_seqpos.iloc[-1] == "dna_letters_18"
+    assert list(frame.columns[1:]) == ["reactivity", "deg_Mg_pH10", "deg_pH10", "deg_Mg_50C", "deg_50C"]
+
+
+@pytest.mark.parametrize("records, message", [
+    ([("bad", "GGAAXCC")], "record 'bad': character 'X' at position 4 is not one of 'ACGU'"),
+    ([("long", "A" * 501)], "record 'long': 501 nt is longer than the 500 nt"),
+    ([("empty", "")], "record 'empty': empty sequence"),
+])
+def test_openvaccine_bad_records(trained, tmp_path, capsys, records, message):
+    workspace, args = trained
+    out = tmp_path / "out.csv"
+    code = main(["openvaccine", "--input", str(fasta(tmp_path / "in.fa", records)), "--output", str(out),
+                 *args[:2], *args[4:]])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_classifier_round_trip_from_csv(trained, tmp_path, data_dir):
+    workspace, args = trained
+    promoters = pd.read_csv(data_dir / "promoter" / "v9d3.csv").head(5)
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"id": [f"p{i}" for i in range(5)], "sequence": promoters.seqs}).to_csv(source, index=False)
+    out = tmp_path / "probs.csv"
+    assert main(["promoter", "--input", str(source), "--output", str(out), *args[:2], *args[4:]]) == 0
+    frame = pd.read_csv(out)
+    assert list(frame.id) == [f"p{i}" for i in range(5)] and frame.probability.between(0, 1).all()
+
+
+def test_missing_weights_name_the_stage(tmp_path, capsys):
+    source = fasta(tmp_path / "in.fa", [("a", "ACGT")])
+    code = main(["viral", "--input", str(source), "--output", str(tmp_path / "o.csv"), "--preset", "smoke",
+                 *isolated(tmp_path / "nothing")])
+    assert code == 2 and "run stage 11_viral" in capsys.readouterr().err
