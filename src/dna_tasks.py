@@ -172,7 +172,7 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     """(a) one whole experiment held out, train/validate on the others; (b) a stratified random split.
     Class imbalance (~2 % viral): positives weighted by negatives/positives in the BCE loss, balanced
     class weights in the random forest, and PR-AUC reported beside AUC-ROC."""
-    from .plots import plot_roc
+    from .plots import plot_classifier_learning_curves, plot_confusion, plot_roc
 
     paths, vc = Paths(cfg), cfg.viral
     configure_threads(cfg.train.threads)
@@ -204,10 +204,17 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
                          "holdout_experiment": vc.holdout_experiment, "results": report,
                          "imbalance": "BCE pos_weight = negatives/positives; RF class_weight=balanced_subsample",
                          **artifact_meta(cfg)})
-    roc = paths.figures / "viral_roc.png"
-    plot_roc(roc, "viral contigs: ROC", {f"{p}/{k}": (labels[protocols[p][2]], r["probs"])
-                                        for (p, k), r in results.items()})
-    return [metrics, roc], {k: round(v["auc"], 4) for k, v in report.items()}
+    figures = [paths.figures / "viral_roc.png", paths.figures / "viral_learning_curves.png",
+               paths.figures / "viral_confusion_nt.png"]
+    plot_roc(figures[0], "viral contigs: ROC", {f"{p}/{k}": (labels[protocols[p][2]], r["probs"])
+                                               for (p, k), r in results.items()})
+    curves = {f"{p}/{k}": r["history"] for (p, k), r in results.items() if r["history"]}
+    plot_classifier_learning_curves(figures[1], "viral: training loss and validation AUC", list(curves.values()),
+                                    list(curves))
+    headline_kind = "nt" if "nt" in vc.models else vc.models[0]
+    plot_confusion(figures[2], f"held-out experiment ({headline_kind})", labels[held_out],
+                   results[("experiment", headline_kind)]["probs"])
+    return [metrics, *figures], {k: round(v["auc"], 4) for k, v in report.items()}
 
 
 def mirna_key(cfg: Config) -> dict:
@@ -217,7 +224,7 @@ def mirna_key(cfg: Config) -> dict:
 def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     """Mirtron vs canonical pre-miRNA: the paper's stratified 70/30 split (fixed seed) and stratified
     K-fold CV, for every model in mirna.models."""
-    from .plots import plot_confusion
+    from .plots import plot_classifier_learning_curves, plot_confusion
 
     paths, mc = Paths(cfg), cfg.mirna
     configure_threads(cfg.train.threads)
@@ -236,9 +243,12 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
                               work / f"paper_{kind}.pkl", device)
         cv = run_cv(cfg, with_kind(mc, kind), frame, work / f"cv_{kind}", device)
         rows[kind] = {"paper_protocol": _five(split["metrics"]), "cv": _five(cv["summary"])}
-        figure = paths.figures / f"mirna_confusion_{kind}.png"
-        plot_confusion(figure, f"mirtron vs canonical ({kind}), 30 % test", labels[test_idx], split["probs"])
-        figures.append(figure)
+        confusion = paths.figures / f"mirna_confusion_{kind}.png"
+        plot_confusion(confusion, f"mirtron vs canonical ({kind}), 30 % test", labels[test_idx], split["probs"])
+        curves = paths.figures / f"mirna_learning_curves_{kind}.png"
+        plot_classifier_learning_curves(curves, f"mirna {kind}: 5-fold CV (AUC on each held-out fold)",
+                                        cv["histories"])
+        figures += [confusion, curves]
     best = max(rows, key=lambda k: rows[k]["paper_protocol"]["mcc"])
     metrics = paths.oof / "mirna_metrics.json"
     write_json(metrics, {"mcc": rows[best]["paper_protocol"]["mcc"],

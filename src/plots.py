@@ -106,14 +106,17 @@ def plot_pretraining(path, model_name: str, history: list[dict]) -> None:
     save_figure(fig, path)
 
 
-def plot_classifier_learning_curves(path, title: str, histories: list[list[dict]]) -> None:
+def plot_classifier_learning_curves(path, title: str, histories: list[list[dict]],
+                                    names: list[str] | None = None) -> None:
+    """Training loss and held-out AUC per epoch, one line per fold (or per named run)."""
     fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for fold, history in enumerate(histories):
+    names = names or [f"fold {fold}" for fold in range(len(histories))]
+    for name, history in zip(names, histories):
         epochs = [h["epoch"] for h in history]
-        loss_ax.plot(epochs, [h["train_loss"] for h in history], label=f"fold {fold}")
-        auc_ax.plot(epochs, [h["val_auc"] for h in history], label=f"fold {fold}")
+        loss_ax.plot(epochs, [h["train_loss"] for h in history], label=name)
+        auc_ax.plot(epochs, [h["val_auc"] for h in history], label=name)
     loss_ax.set(title="training loss (BCE)", xlabel="epoch")
-    auc_ax.set(title="held-out fold AUC-ROC", xlabel="epoch")
+    auc_ax.set(title="held-out AUC-ROC", xlabel="epoch")
     auc_ax.legend(fontsize=7)
     fig.suptitle(title)
     save_figure(fig, path)

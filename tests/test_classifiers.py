@@ -79,7 +79,8 @@ def test_smoke_viral_stage_reports_every_model_and_protocol(prepared_inputs):
     assert sorted(metrics["results"]) == sorted(f"{p}/{m}" for p in ("experiment", "random_split")
                                                 for m in ("nt", "danq", "rf"))
     assert metrics["results"]["experiment/nt"]["n_test"] == metrics["results"]["experiment/rf"]["n_test"]
-    assert (workspace / "figures" / "viral_roc.png").stat().st_size > 10_000
+    for figure in ("viral_roc.png", "viral_learning_curves.png", "viral_confusion_nt.png"):
+        assert (workspace / "figures" / figure).stat().st_size > 10_000
 
 
 def test_smoke_mirna_stage_reports_paper_protocol_and_cv(prepared_inputs):
@@ -92,3 +93,5 @@ def test_smoke_mirna_stage_reports_paper_protocol_and_cv(prepared_inputs):
     for row in metrics["models"].values():
         assert set(row["cv"]) == {"sensitivity", "specificity", "f1", "mcc", "accuracy"}
     assert metrics["n_sequences"] == 1124
+    for kind in ("nt", "cnn", "danq"):
+        assert (workspace / "figures" / f"mirna_learning_curves_{kind}.png").exists()
