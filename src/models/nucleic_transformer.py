@@ -90,12 +90,7 @@ class NucleicTransformerLayer(nn.Module):
         self.pair_conv = nn.Conv2d(c, c, k)  # nucleotide pairs -> k-mer pairs
         self.pair_to_bias = nn.Conv2d(c, cfg.nhead, 1)
         self.gamma = nn.Parameter(torch.ones(1))
-        self.attention = KmerAttention(d, cfg.nhead, cfg.dropout)
-        self.attn_norm = nn.LayerNorm(d)
-        self.feed_forward = nn.Sequential(nn.Linear(d, cfg.dim_ff), nn.ReLU(), nn.Dropout(cfg.dropout),
-                                          nn.Linear(cfg.dim_ff, d))
-        self.ff_norm = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.encoder = EncoderBlock(d, cfg.nhead, cfg.dim_ff, cfg.dropout)
         self.deconv = nn.ConvTranspose1d(d, d, k)  # k-mers -> nucleotides
         self.pair_deconv = nn.ConvTranspose2d(c, c, k)
         self.out_norm = nn.LayerNorm(d)
@@ -104,9 +99,7 @@ class NucleicTransformerLayer(nn.Module):
         kmers = self.kmer_norm(self.kmer_conv(x.transpose(1, 2)).transpose(1, 2))
         kmer_pairs = F.relu(self.pair_conv(pair))
         bias = self.gamma * self.pair_to_bias(kmer_pairs)
-        attended, weights = self.attention(kmers, bias, need_weights)
-        kmers = self.attn_norm(kmers + self.dropout(attended))
-        kmers = self.ff_norm(kmers + self.dropout(self.feed_forward(kmers)))
+        kmers, weights = self.encoder(kmers, bias, need_weights)
         x = self.out_norm(x + self.deconv(kmers.transpose(1, 2)).transpose(1, 2))
         pair = pair + self.pair_deconv(kmer_pairs)
         return x, pair, weights
