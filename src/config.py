@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -107,8 +108,10 @@ def config_hash(section) -> str:
     return hashlib.sha1(blob).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """HEAD commit of the repository, suffixed '-dirty' when the tree has changes."""
+    """HEAD commit of the repository, suffixed '-dirty' when the tree has changes. Read once per process
+    (run_stage reads it first thing), so an artifact names the code its stage started with."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()

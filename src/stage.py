@@ -60,6 +60,7 @@ def run_stage(stage: str, description: str, key_fn: Callable[[Config], dict],
     key_fn(cfg) describes the inputs and settings the outputs depend on; run_fn(cfg, force) does
     the work and returns (output paths, summary dict).
     """
+    git_commit()  # the code this stage runs, before anyone edits the tree
     try:
         cfg, args = parse_stage_args(description, argv)
         key = key_fn(cfg)
