@@ -29,14 +29,15 @@ class NTClassifier(nn.Module):
     transformer encoder stack -> mean over k-mers -> one logit."""
 
     def __init__(self, k: int = 7, nlayer: int = 6, d_model: int = 256, nhead: int = 8, dim_ff: int = 1024,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, attn_dropout: float | None = None):
         super().__init__()
         self.k = k
         self.embedding = nn.Embedding(N_TOKENS, d_model, padding_idx=0)
         self.input_dropout = nn.Dropout(dropout)
         self.kmer_conv = nn.Conv1d(d_model, d_model, k)
         self.kmer_norm = nn.LayerNorm(d_model)
-        self.blocks = nn.ModuleList(EncoderBlock(d_model, nhead, dim_ff, dropout) for _ in range(nlayer))
+        self.blocks = nn.ModuleList(EncoderBlock(d_model, nhead, dim_ff, dropout, attn_dropout)
+                                    for _ in range(nlayer))
         self.head = nn.Linear(d_model, 1)
 
     def encode(self, tokens: torch.Tensor, need_weights: bool = False):
@@ -45,7 +46,8 @@ class NTClassifier(nn.Module):
         x = self.input_dropout(x)
         kmers = self.kmer_norm(self.kmer_conv(x.transpose(1, 2)).transpose(1, 2))
         valid = self._valid_kmers(tokens)  # k-mers that touch padding are masked as keys and pooled out
-        bias = torch.zeros(valid.shape, device=tokens.device).masked_fill(~valid, float("-inf"))[:, None, None, :]
+        bias = (None if bool(valid.all()) else  # no padding: no mask, so the fused attention kernel applies
+                torch.zeros(valid.shape, device=tokens.device).masked_fill(~valid, float("-inf"))[:, None, None, :])
         maps = []
         for block in self.blocks:
             kmers, weights = block(kmers, bias, need_weights)

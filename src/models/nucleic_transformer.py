@@ -63,11 +63,14 @@ class KmerAttention(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Post-LayerNorm transformer encoder layer (eq. 5-8) whose attention takes an optional additive bias."""
+    """Post-LayerNorm transformer encoder layer (eq. 5-8) whose attention takes an optional additive bias.
 
-    def __init__(self, d_model: int, nhead: int, dim_ff: int, dropout: float):
+    attn_dropout (default: dropout) drops attention weights; 0 lets the CPU use the fused attention
+    kernel instead of drawing a random mask over every (head, query, key), 4x faster at L = 300."""
+
+    def __init__(self, d_model: int, nhead: int, dim_ff: int, dropout: float, attn_dropout: float | None = None):
         super().__init__()
-        self.attention = KmerAttention(d_model, nhead, dropout)
+        self.attention = KmerAttention(d_model, nhead, dropout if attn_dropout is None else attn_dropout)
         self.attn_norm = nn.LayerNorm(d_model)
         self.feed_forward = Mlp(d_model, dim_ff, act_layer=nn.ReLU, drop=dropout)
         self.ff_norm = nn.LayerNorm(d_model)
