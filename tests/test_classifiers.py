@@ -26,6 +26,31 @@ def test_forward_shapes_and_padding(length):
     assert torch.all(last[2, :, :, length // 2 - 6:] == 0), "padded k-mers get no attention"
 
 
+def test_padding_does_not_change_a_shorter_sequences_logit():
+    """An unpadded batch skips the attention mask; the same sequence padded inside a longer batch is
+    masked: both must give the same logit."""
+    torch.manual_seed(0)
+    nt = NTClassifier(k=5, nlayer=2, d_model=32, nhead=4, dim_ff=64).eval()
+    short = torch.randint(1, 5, (1, 40))
+    padded = torch.cat([short, torch.zeros(1, 20, dtype=torch.long)], dim=1)
+    longer = torch.randint(1, 5, (1, 60))
+    with torch.no_grad():
+        alone = nt(short)
+        in_batch = nt(torch.cat([padded, longer]))
+    assert torch.allclose(alone, in_batch[:1], atol=1e-5)
+
+
+def test_attn_dropout_is_separate_from_dropout():
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 5, (2, 50))
+    quiet = NTClassifier(k=5, nlayer=1, d_model=32, nhead=4, dim_ff=64, dropout=0.0, attn_dropout=0.0).train()
+    assert torch.equal(quiet(tokens), quiet(tokens)), "no dropout anywhere: training forward is deterministic"
+    noisy = NTClassifier(k=5, nlayer=1, d_model=32, nhead=4, dim_ff=64, dropout=0.0, attn_dropout=0.5).train()
+    assert not torch.equal(noisy(tokens), noisy(tokens)), "attention dropout alone makes it stochastic"
+    default = NTClassifier(k=5, nlayer=1, d_model=32, nhead=4, dim_ff=64, dropout=0.3)
+    assert default.blocks[0].attention.dropout == 0.3, "attn_dropout defaults to dropout (paper)"
+
+
 def test_mutation_count_stays_within_each_sequence():
     tokens = encode_sequences(["ACGTACGTAC", "ACG"])
     mutated = mutate(tokens.repeat(500, 1), 4, torch.Generator().manual_seed(0))
