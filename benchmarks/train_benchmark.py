@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.config import load_config  # noqa: E402
 from src.losses import error_weighted_mse  # noqa: E402
-from src.train import autocast, build_model, make_optimizer  # noqa: E402
+from src.train import autocast, build_model, make_optimizer, native_bf16, use_bf16  # noqa: E402
 
 N_STRUCTURES = 12
 
@@ -87,13 +87,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     max_threads = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16(cpu)}, "
+          f"{max_threads} threads")
     for preset in ("cpu", "paper"):
         cfg = load_config(preset)
         batch = cfg.train.batch_size
         params = sum(p.numel() for p in build_model(cfg.model).parameters()) / 1e6
         print(f"\n[{preset}] nlayer={cfg.model.nlayer} d_model={cfg.model.d_model} nhead={cfg.model.nhead} "
               f"ff={cfg.model.dim_ff} pair_channels={cfg.model.pair_channels} ({params:.2f} M parameters), batch {batch}")
-        variants = [("default", max_threads, False, False, False)]
+        preset_bf16 = use_bf16(cpu, cfg.train.bf16)
+        variants = [("default", max_threads, False, False, False),
+                    (f"preset (bf16 {preset_bf16}, CL {cfg.train.channels_last})", max_threads, preset_bf16,
+                     cfg.train.channels_last, False)]
         if not args.quick:
             variants += [("1 thread", 1, False, False, False), ("bf16 autocast", max_threads, True, False, False),
                          ("channels_last pair path", max_threads, False, True, False),

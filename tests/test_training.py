@@ -131,3 +131,19 @@ def test_ensemble_blends_models_and_never_loses_to_the_best(predicted_workspace,
     assert len(blend) == len(pd.read_csv(workspace / "oof" / "nt.csv"))
     submission = pd.read_csv(workspace / "submissions" / "submission.csv")
     assert len(submission) == 10 * 107 + 10 * 130 and np.isfinite(submission.iloc[:, 1:].to_numpy()).all()
+
+
+def test_bf16_setting_follows_the_device(monkeypatch):
+    """train.bf16 = auto turns autocast on only where bf16 is native: emulated bf16 is ~10x slower than fp32."""
+    from src.train import autocast, use_bf16
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert use_bf16(cpu, "auto") is native
+        with autocast(cpu, "auto"):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if native else torch.float32)
+    assert use_bf16(cpu, True) is True and use_bf16(cpu, False) is False
+    with pytest.raises(ValueError, match="train.bf16"):
+        use_bf16(cpu, "yes")
