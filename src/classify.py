@@ -34,6 +34,29 @@ def mutate(tokens: torch.Tensor, nmute: int, generator: torch.Generator) -> torc
     return tokens.clone().scatter_(1, positions, bases)
 
 
+def epoch_indices(labels: torch.Tensor, negatives_per_positive: float | None,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Shuffled training rows of one epoch: all of them, or (negatives_per_positive set) every positive
+    plus that many times as many negatives, drawn afresh each epoch. Undersampling the majority class
+    this way keeps every batch informative and makes an epoch short, so a rare class (2 % viral) gets
+    many passes; over the epochs most negatives are still seen."""
+    if not negatives_per_positive:
+        return torch.randperm(len(labels), generator=generator)
+    positives = torch.nonzero(labels > 0.5).squeeze(1)
+    negatives = torch.nonzero(labels <= 0.5).squeeze(1)
+    count = min(len(negatives), max(1, round(negatives_per_positive * len(positives))))
+    chosen = torch.cat([positives, negatives[torch.randperm(len(negatives), generator=generator)[:count]]])
+    return chosen[torch.randperm(len(chosen), generator=generator)]
+
+
+def balanced_pos_weight(labels: torch.Tensor, setting) -> float:
+    """BCE weight of positives: "balanced" = negatives / positives of these labels, else the number given."""
+    if setting != "balanced":
+        return float(setting)
+    positives = float(labels.sum())
+    return (len(labels) - positives) / max(positives, 1.0)
+
+
 def inverse_sqrt_schedule(d_model: int, warmup: int, scale: float):
     """Learning rate of eq. 11: scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)."""
     def lr(step: int) -> float:
@@ -61,8 +84,9 @@ def fit_classifier(kind: str, model_settings, tc, tokens: torch.Tensor, labels: 
     validation set that is not the test set); otherwise the final weights.
 
     NT: Adam (0.9, 0.99, 1e-8, weight decay 1e-5) with the warm-up + inverse-square-root schedule.
-    DanQ and CNN: the same Adam at a constant tc.baseline_lr. Positive examples are weighted by
-    tc.pos_weight ("balanced": negatives / positives) against class imbalance.
+    DanQ and CNN: the same Adam at a constant tc.baseline_lr. Against class imbalance, positives are
+    weighted by tc.pos_weight ("balanced": negatives / positives among an epoch's rows), and with
+    tc.negatives_per_positive set each epoch undersamples the negatives (epoch_indices).
     """
     from .metrics import binary_classification_metrics
 
@@ -75,20 +99,18 @@ def fit_classifier(kind: str, model_settings, tc, tokens: torch.Tensor, labels: 
                 if kind == "nt" else (lambda step: 1.0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step + 1))
     labels_t = torch.as_tensor(labels, dtype=torch.float32)
-    positives = float(labels_t.sum())
-    pos_weight = ((len(labels_t) - positives) / max(positives, 1.0) if tc.pos_weight == "balanced"
-                  else float(tc.pos_weight))
+    negatives_per_positive = tc.get("negatives_per_positive")
     history, best_auc, best_state = [], -1.0, None
     for epoch in range(tc.epochs):
         start = time.time()
         model.train()
-        order = torch.randperm(len(tokens), generator=generator)
+        order = epoch_indices(labels_t, negatives_per_positive, generator)
+        pos_weight = torch.tensor(balanced_pos_weight(labels_t[order], tc.pos_weight), device=device)
         losses = []
         for batch in tqdm(order.split(tc.batch_size), desc=f"{desc} epoch {epoch + 1}/{tc.epochs}", leave=False):
             x = mutate(tokens[batch], tc.nmute, generator).to(device)
             logits = model(x)
-            loss = F.binary_cross_entropy_with_logits(logits, labels_t[batch].to(device),
-                                                      pos_weight=torch.tensor(pos_weight, device=device))
+            loss = F.binary_cross_entropy_with_logits(logits, labels_t[batch].to(device), pos_weight=pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -164,14 +164,22 @@ def _split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) 
     return tuple(train_test_split(indices, test_size=fraction, stratify=labels[indices], random_state=seed))
 
 
+def _imbalance_note(vc) -> str:
+    ratio = vc.get("negatives_per_positive")
+    sampling = (f"each epoch: every positive + {ratio}x as many negatives drawn afresh; " if ratio
+                else "each epoch: every row; ")
+    return sampling + "BCE pos_weight = negatives/positives of the epoch; RF class_weight=balanced_subsample"
+
+
 def viral_key(cfg: Config) -> dict:
     return _data_key(cfg, "viral", "viral")
 
 
 def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     """(a) one whole experiment held out, train/validate on the others; (b) a stratified random split.
-    Class imbalance (~2 % viral): positives weighted by negatives/positives in the BCE loss, balanced
-    class weights in the random forest, and PR-AUC reported beside AUC-ROC."""
+    Class imbalance (~2 % viral): optionally undersampled negatives per epoch (viral.negatives_per_positive),
+    positives weighted by negatives/positives in the BCE loss, balanced class weights in the random
+    forest, and PR-AUC reported beside AUC-ROC."""
     from .plots import plot_classifier_learning_curves, plot_confusion, plot_roc
 
     paths, vc = Paths(cfg), cfg.viral
@@ -202,7 +210,7 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     metrics = paths.oof / "viral_metrics.json"
     write_json(metrics, {"auc": headline["auc"], "pr_auc": headline["pr_auc"],
                          "holdout_experiment": vc.holdout_experiment, "results": report,
-                         "imbalance": "BCE pos_weight = negatives/positives; RF class_weight=balanced_subsample",
+                         "imbalance": _imbalance_note(vc),
                          **artifact_meta(cfg)})
     figures = [paths.figures / "viral_roc.png", paths.figures / "viral_learning_curves.png",
                paths.figures / "viral_confusion_nt.png"]

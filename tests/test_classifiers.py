@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import isolated, load_kernel
-from src.classify import encode_sequences, inverse_sqrt_schedule, kmer_frequencies, mutate
+from src.classify import (balanced_pos_weight, encode_sequences, epoch_indices, inverse_sqrt_schedule,
+                          kmer_frequencies, mutate)
 from src.models.classifiers import DanQ, NTClassifier, NucleotideCNN
 
 
@@ -49,6 +50,22 @@ def test_attn_dropout_is_separate_from_dropout():
     assert not torch.equal(noisy(tokens), noisy(tokens)), "attention dropout alone makes it stochastic"
     default = NTClassifier(k=5, nlayer=1, d_model=32, nhead=4, dim_ff=64, dropout=0.3)
     assert default.blocks[0].attention.dropout == 0.3, "attn_dropout defaults to dropout (paper)"
+
+
+def test_undersampled_epochs_keep_every_positive_and_vary_the_negatives():
+    labels = torch.zeros(1000)
+    labels[::50] = 1  # 20 positives, 980 negatives (2 %, as the viral contigs)
+    generator = torch.Generator().manual_seed(0)
+    first, second = (epoch_indices(labels, 3, generator) for _ in range(2))
+    for epoch in (first, second):
+        assert len(epoch) == 80 and len(set(epoch.tolist())) == 80
+        assert labels[epoch].sum() == 20, "every positive in every epoch"
+        assert balanced_pos_weight(labels[epoch], "balanced") == 3.0
+    assert set(first.tolist()) != set(second.tolist()), "negatives are drawn afresh each epoch"
+    everything = epoch_indices(labels, None, generator)
+    assert sorted(everything.tolist()) == list(range(1000))
+    assert balanced_pos_weight(labels, "balanced") == 49.0 and balanced_pos_weight(labels, 2) == 2.0
+    assert len(epoch_indices(labels, 100, generator)) == 1000, "capped at the negatives there are"
 
 
 def test_mutation_count_stays_within_each_sequence():
