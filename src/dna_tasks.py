@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from .classify import encode_sequences, fit_classifier, predict_proba, save_classifier
-from .config import Config, Paths
+from .config import Config, Paths, config_hash
 from .dna_data import read_mirna, read_promoter, read_viral
 from .io_utils import read_pickle, write_csv, write_json, write_pickle
 from .metrics import binary_classification_metrics
@@ -79,6 +79,22 @@ def attention_motifs(model, tokens: torch.Tensor, labels: np.ndarray, probs: np.
     return counts
 
 
+def task_work_dir(folder: Path, key: dict, force: bool) -> Path:
+    """The stage's cache of per-fold results and weights, stamped with the stage key: a run with other
+    settings (or --force) starts it afresh instead of reusing results trained under the old ones."""
+    import shutil
+
+    from .io_utils import atomic_path
+
+    stamp, wanted = folder / "key_hash.txt", config_hash(key)
+    if folder.exists() and (force or not stamp.exists() or stamp.read_text().strip() != wanted):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(stamp) as tmp:
+        tmp.write_text(wanted + "\n")
+    return folder
+
+
 def promoter_key(cfg: Config) -> dict:
     path = Paths(cfg).input / "promoter" / "v9d3.csv"
     digest = hashlib.sha1(path.read_bytes()).hexdigest() if path.exists() else None
@@ -92,10 +108,7 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     configure_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     frame = stratified_subset(read_promoter(paths.input / "promoter" / "v9d3.csv"), pc.max_rows, cfg.seed)
-    work = paths.run / "promoter" / pc.model
-    if force and work.exists():
-        import shutil
-        shutil.rmtree(work)
+    work = task_work_dir(paths.run / "promoter" / pc.model, promoter_key(cfg), force)
     result = run_cv(cfg, pc, frame, work, device)
     oof = paths.oof / "promoter_oof.csv"
     write_csv(oof, pd.DataFrame({"id": frame.id, "label": frame.label, "probability": result["probabilities"],
@@ -197,10 +210,7 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     protocols = {"experiment": (*_split(others, labels, vc.validation_fraction, cfg.seed), held_out)}
     train_val, random_test = _split(everything, labels, vc.test_fraction, cfg.seed)
     protocols["random_split"] = (*_split(train_val, labels, vc.validation_fraction, cfg.seed), random_test)
-    work = paths.run / "viral"
-    if force and work.exists():
-        import shutil
-        shutil.rmtree(work)
+    work = task_work_dir(paths.run / "viral", viral_key(cfg), force)
     results = {(p, kind): fit_and_score(cfg, vc, kind, frame, *idx, work / f"{p}_{kind}.pkl", device)
                for p, idx in protocols.items() for kind in vc.models}
     report = {f"{p}/{kind}": {m: r["metrics"][m] for m in ("auc", "pr_auc", "accuracy", "mcc")} |
@@ -240,10 +250,7 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     frame = stratified_subset(read_mirna(paths.input / "mirna"), mc.max_rows, cfg.seed)
     labels = frame.label.to_numpy()
     train_idx, test_idx = _split(np.arange(len(frame)), labels, 0.3, cfg.seed)
-    work = paths.run / "mirna"
-    if force and work.exists():
-        import shutil
-        shutil.rmtree(work)
+    work = task_work_dir(paths.run / "mirna", mirna_key(cfg), force)
     rows, figures = {}, []
     for kind in mc.models:
         # The paper protocol has no validation set: train for mirna.epochs, score once on the 30 %.
