@@ -99,12 +99,11 @@ def fit_classifier(kind: str, model_settings, tc, tokens: torch.Tensor, labels: 
                 if kind == "nt" else (lambda step: 1.0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step + 1))
     labels_t = torch.as_tensor(labels, dtype=torch.float32)
-    negatives_per_positive = tc.get("negatives_per_positive")
     history, best_auc, best_state = [], -1.0, None
     for epoch in range(tc.epochs):
         start = time.time()
         model.train()
-        order = epoch_indices(labels_t, negatives_per_positive, generator)
+        order = epoch_indices(labels_t, tc.negatives_per_positive, generator)
         pos_weight = torch.tensor(balanced_pos_weight(labels_t[order], tc.pos_weight), device=device)
         losses = []
         for batch in tqdm(order.split(tc.batch_size), desc=f"{desc} epoch {epoch + 1}/{tc.epochs}", leave=False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from .classify import encode_sequences, fit_classifier, predict_proba, save_classifier
 from .config import Config, Paths, config_hash
 from .dna_data import read_mirna, read_promoter, read_viral
-from .io_utils import read_pickle, write_csv, write_json, write_pickle
+from .io_utils import atomic_path, read_pickle, write_csv, write_json, write_pickle
 from .metrics import binary_classification_metrics
 from .stage import artifact_meta
 from .train import configure_threads, resolve_device
@@ -82,10 +83,6 @@ def attention_motifs(model, tokens: torch.Tensor, labels: np.ndarray, probs: np.
 def task_work_dir(folder: Path, key: dict, force: bool) -> Path:
     """The stage's cache of per-fold results and weights, stamped with the stage key: a run with other
     settings (or --force) starts it afresh instead of reusing results trained under the old ones."""
-    import shutil
-
-    from .io_utils import atomic_path
-
     stamp, wanted = folder / "key_hash.txt", config_hash(key)
     if folder.exists() and (force or not stamp.exists() or stamp.read_text().strip() != wanted):
         shutil.rmtree(folder)
@@ -178,7 +175,7 @@ def _split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) 
 
 
 def _imbalance_note(vc) -> str:
-    ratio = vc.get("negatives_per_positive")
+    ratio = vc.negatives_per_positive
     sampling = (f"each epoch: every positive + {ratio}x as many negatives drawn afresh; " if ratio
                 else "each epoch: every row; ")
     return sampling + "BCE pos_weight = negatives/positives of the epoch; RF class_weight=balanced_subsample"
