@@ -25,7 +25,7 @@ from .models.nucleic_transformer import NucleicTransformer
 from .stage import InputError, artifact_meta
 from .structures import StructureStore
 from .train import (_epoch_seed, _save, autocast, build_model, configure_threads, flat_then_cosine,
-                    make_optimizer, resolve_device)
+                    make_optimizer, optimizer_step, resolve_device)
 
 STREAMS = (("sequence", SEQUENCE_TOKENS), ("structure", STRUCTURE_TOKENS), ("loop", LOOP_TOKENS))
 
@@ -85,7 +85,7 @@ def pretrain_checkpoint(cfg: Config) -> Path:
 
 
 def pretrain_settings(cfg: Config) -> dict:
-    return {"model": dict(cfg.model), "pretrain": dict(cfg.pretrain), "seed": cfg.seed,
+    return {"model": dict(cfg.model), "pretrain": dict(cfg.pretrain), "seed": cfg.seed, "grad_clip": cfg.train.grad_clip,
             "fold": {k: v for k, v in dict(cfg.fold).items() if k != "n_jobs"}}
 
 
@@ -158,10 +158,7 @@ def pretrain_loop(cfg: Config, data: RNATensors, work_dir: Path, device: torch.d
                 inputs[name] = corrupt(truth[name].cpu(), len(vocab), pc.corrupt_rate, mode, generator).to(device)
             with autocast(device, tc.bf16):
                 loss = reconstruction_loss(model(**inputs), truth)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(model, optimizer, scheduler, loss, tc.grad_clip)
             losses.append(loss.item())
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - start, 2)})
         _save(last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),

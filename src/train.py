@@ -2,6 +2,8 @@
 averaged over the structure predictions."""
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import time
 from contextlib import nullcontext
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ranger_adabelief import RangerAdaBelief
 from tqdm.auto import tqdm
 
 from .dataset import RNATensors, collate, length_batches
@@ -36,16 +39,47 @@ def build_model(model_cfg) -> NucleicTransformer:
     return NucleicTransformer(NTConfig(**{k: v for k, v in dict(model_cfg).items() if k in fields}))
 
 
-def make_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
-    """Ranger (RAdam + Lookahead + gradient centralization), paper 2.3.1; adabelief=true for RangerAdaBelief."""
-    import contextlib
-    import io
+class Ranger(RangerAdaBelief):
+    """Ranger (RAdam + Lookahead + gradient centralization, paper 2.3.1) with decoupled weight decay
+    applied to the weights, p <- p * (1 - lr * wd), before each step.
 
-    from ranger_adabelief import RangerAdaBelief
+    Why not the library's own weight_decay: in ranger-adabelief 0.1.0, during RAdam's first ~5 steps
+    `G_grad` is `exp_avg` itself, so `G_grad.add_(p, alpha=wd)` writes wd * p into the momentum
+    buffer; from step ~6 that buffer is divided by a tiny second-moment root, which shrinks every
+    weight of a warm-started model. The library therefore always gets weight_decay=0.
+    """
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints a banner per instance
-        return RangerAdaBelief(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                               use_gc=True, adabelief=bool(train_cfg.adabelief))
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, adabelief: bool = False):
+        with contextlib.redirect_stdout(io.StringIO()):  # the library prints a banner per instance
+            super().__init__(params, lr=lr, weight_decay=0.0, use_gc=True, adabelief=adabelief)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = weight_decay
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            shrink = 1.0 - group["lr"] * group["decoupled_weight_decay"]
+            if shrink != 1.0:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.mul_(shrink)
+        return super().step(closure)
+
+
+def make_optimizer(model: torch.nn.Module, train_cfg) -> Ranger:
+    """Ranger from a config section with lr, weight_decay and adabelief (true: RangerAdaBelief)."""
+    return Ranger(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                  adabelief=bool(train_cfg.adabelief))
+
+
+def optimizer_step(model: torch.nn.Module, optimizer, scheduler, loss: torch.Tensor, grad_clip: float | None) -> None:
+    """Backward, clip the gradient norm (grad_clip: max norm; 0 or null: no clipping), step, schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
 
 
 def flat_then_cosine(optimizer, total_steps: int, flat_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -141,6 +175,8 @@ def train_fold(cfg, data: RNATensors, fold: int, train_idx: np.ndarray, val_idx:
         state = checkpoint["state"]
         print(f"fold {fold}: resuming at epoch {state['epoch']} from {last_path}")
     scored_val = val_idx[data.sn_filter[val_idx] == 1]
+    if init_weights is not None and not state["history"]:
+        _validate_start(model, data, scored_val, device, tc, state, best_path, fold)
     for epoch in range(state["epoch"], tc.epochs):
         start = time.time()
         train_loss = _train_epoch(model, optimizer, scheduler, data, train_idx, device, tc,
@@ -171,6 +207,20 @@ def train_fold(cfg, data: RNATensors, fold: int, train_idx: np.ndarray, val_idx:
     return result
 
 
+def _validate_start(model, data, scored_val, device, tc, state: dict, best_path: Path, fold: int) -> None:
+    """A warm start (pretrained encoder, phase-1 model, teacher) is scored before epoch 1 and is the
+    best.pt until an epoch beats it, so training can never end worse than where it started."""
+    start = time.time()
+    scores = score_rows(data, predict(model, data, scored_val, device, tc.eval_batch_size, tc.bf16,
+                                      tc.channels_last, desc="validate start"), scored_val)
+    state["history"].append({"epoch": 0, "train_loss": float("nan"), **scores, "lr": 0.0,
+                             "seconds": round(time.time() - start, 2)})
+    state["best_score"], state["best_epoch"] = scores["mcrmse_scored"], 0
+    _save(best_path, {"model": model.state_dict(), "epoch": 0, "score": state["best_score"]})
+    print(f"fold {fold} start: val MCRMSE {scores['mcrmse_scored']:.4f} (all 5: {scores['mcrmse_all5']:.4f})",
+          flush=True)
+
+
 def _validate_after(epoch: int, tc) -> bool:
     """Every eval_every epochs while the learning rate is flat, every epoch once it anneals."""
     annealing = epoch + 1 > int(tc.epochs * tc.flat_fraction)
@@ -188,10 +238,7 @@ def _train_epoch(model, optimizer, scheduler, data, train_idx, device, tc, rng, 
         with autocast(device, tc.bf16):
             pred = model(**inputs)[:, :targets.shape[1]].float()
         loss = error_weighted_mse(pred, targets, errors, tc.loss_alpha, tc.loss_beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(model, optimizer, scheduler, loss, tc.grad_clip)
         losses.append(loss.item())
     return float(np.mean(losses))
 
