@@ -32,6 +32,12 @@ class RNATensors:
         return np.array([len(s) for s in self.sequence])
 
     @property
+    def batch_groups(self) -> np.ndarray:
+        """Key of rows that may share a training batch: same length and same number of labelled
+        positions (pseudo-labelled test rows carry more of them than training rows of that length)."""
+        return self.lengths * 4096 + np.asarray(self.seq_scored)
+
+    @property
     def n_slots(self) -> int:
         return self.bpp[0].shape[0]
 

@@ -10,6 +10,10 @@ def error_weights(errors: torch.Tensor, alpha: float, beta: float) -> torch.Tens
 
 
 def error_weighted_mse(pred: torch.Tensor, target: torch.Tensor, errors: torch.Tensor,
-                       alpha: float = 0.5, beta: float = 5.0) -> torch.Tensor:
-    """Mean over every measurement of weight * squared error; pred, target, errors: (B, scored, 5)."""
-    return (error_weights(errors, alpha, beta) * (pred - target) ** 2).mean()
+                       alpha: float = 0.5, beta: float = 5.0, column_weights=None) -> torch.Tensor:
+    """Mean over every measurement of weight * squared error; pred, target, errors: (B, scored, 5).
+    column_weights: optional weight per target column (e.g. more on the 3 scored ones)."""
+    weights = error_weights(errors, alpha, beta)
+    if column_weights is not None:
+        weights = weights * torch.as_tensor(column_weights, dtype=weights.dtype, device=weights.device)
+    return (weights * (pred - target) ** 2).mean()

@@ -19,8 +19,8 @@ from .metrics import columnwise_rmse
 from .stage import InputError, artifact_meta
 from .structures import StructureStore
 from .submission import check_submission, predictions_frame
-from .train import (SCORED_COLUMNS, build_model, configure_threads, predict, resolve_device, score_rows,
-                    train_fold)
+from .train import (SCORED_COLUMNS, build_model, configure_threads, final_model_path, predict, resolve_device,
+                    score_rows, train_fold)
 
 
 def read_prepared(cfg: Config, split: str) -> pd.DataFrame:
@@ -73,17 +73,19 @@ def initial_weights(cfg: Config) -> Path | None:
     return Path(cfg.train.init_weights) if cfg.train.init_weights else None
 
 
-def _claim_model_dir(cfg: Config, force: bool) -> Path:
-    """The model's checkpoint folder, refusing to resume checkpoints made under other settings."""
+def _claim_model_dir(cfg: Config, force: bool, extra: dict | None = None) -> Path:
+    """The model's checkpoint folder. Checkpoints made under other settings (training settings plus
+    `extra`, e.g. semi.* and the pseudo-labels' hash) are removed: the model retrains from scratch."""
     folder = model_dir(cfg)
     stamp = folder / "settings.json"
-    wanted = config_hash(training_settings(cfg))
+    settings = {**training_settings(cfg), **(extra or {})}
+    wanted = config_hash(settings)
+    if stamp.exists() and not force and json.loads(stamp.read_text())["hash"] != wanted:
+        print(f"{folder}: trained with other settings; retraining from scratch", flush=True)
+        force = True
     if force and folder.exists():
         shutil.rmtree(folder)
-    if stamp.exists() and json.loads(stamp.read_text())["hash"] != wanted:
-        raise InputError(folder, "holds checkpoints trained with other settings: rerun with --force "
-                         "to start over, or set model.name to train a new model beside it")
-    write_json(stamp, {"hash": wanted, **training_settings(cfg)})
+    write_json(stamp, {"hash": wanted, **settings})
     return folder
 
 
@@ -137,8 +139,8 @@ def write_training_outputs(cfg: Config, data, frame: pd.DataFrame, results: list
     plot_learning_curves(figures[0], name, [r["history"] for r in results])
     plot_oof_error(figures[1], name, data, oof, frame)
     model = build_model(cfg.model).to(device)
-    best = model_dir(cfg) / "fold0" / "best.pt"
-    model.load_state_dict(torch.load(best, map_location=device, weights_only=True)["model"])
+    fold0 = final_model_path(model_dir(cfg) / "fold0")
+    model.load_state_dict(torch.load(fold0, map_location=device, weights_only=True)["model"])
     plot_attention(figures[2], model, data, int(results[0]["val_idx"][0]), device)
     summary = {"oof_mcrmse_scored": round(cv["mcrmse_scored"], 5), "oof_mcrmse_all5": round(cv["mcrmse_all5"], 5)}
     return [oof_csv, cv_json, paths.oof / "folds.csv", *figures], summary
@@ -152,7 +154,9 @@ def cv_report(data, oof: dict, results: list[dict], frame: pd.DataFrame) -> dict
     per_fold = []
     for r in results:
         rows = np.asarray([i for i in r["val_idx"] if data.sn_filter[i] == 1])
-        per_fold.append({"fold": r["fold"], "best_epoch": r["best_epoch"], "n_scored_rows": len(rows),
+        per_fold.append({"fold": r["fold"], "best_epoch": r["best_epoch"],
+                         "averaged_epochs": r.get("averaged_epochs"), "n_scored_rows": len(rows),
+                         "val_best_single": r.get("best_single_score"), "val_averaged": r.get("averaged_score"),
                          **score_rows(data, oof, rows)})
     overall = score_rows(data, oof, scored)
     return {**overall, "n_scored_rows": len(scored), "n_rows": len(data),
@@ -166,31 +170,38 @@ def predict_key(cfg: Config) -> dict:
             "settings": training_settings(cfg), "prepared": train_key(cfg)["prepared"]}
 
 
+def fold_test_moments(cfg: Config, fold: int, data, device, force: bool = False) -> dict[int, np.ndarray]:
+    """{test index: (2, L, 5)}: mean and standard deviation over the 12 structure predictions of
+    fold `fold`'s model, cached in its folder (test_moments.pkl)."""
+    fold_dir = model_dir(cfg) / f"fold{fold}"
+    cache = fold_dir / "test_moments.pkl"
+    if cache.exists() and not force:
+        return read_pickle(cache)
+    tc = cfg.train
+    model = build_model(cfg.model).to(device)
+    model.load_state_dict(torch.load(final_model_path(fold_dir), map_location=device, weights_only=True)["model"])
+    moments = predict(model, data, np.arange(len(data)), device, tc.eval_batch_size, tc.bf16, tc.channels_last,
+                      desc=f"test fold {fold}", moments=True)
+    write_pickle(cache, moments)
+    return moments
+
+
 def predict_test(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
-    """Average the best checkpoint of every fold over the test set; write and check the submission."""
+    """Average every fold's model.pt (its best checkpoint, or the average of its best ones) over the
+    test set; write and check the submission."""
     paths, tc = Paths(cfg), cfg.train
     configure_threads(tc.threads)
     device = resolve_device(tc.device)
     folder = model_dir(cfg)
-    checkpoints = [folder / f"fold{f}" / "best.pt" for f in range(tc.folds)]
+    checkpoints = [final_model_path(folder / f"fold{f}") for f in range(tc.folds)]
     missing = [c for c in checkpoints if not c.exists()]
     if missing:
         raise InputError(missing[0], "not found: run stage 03 (train_folds) first")
     test = read_prepared(cfg, "test")
     data = load_rna_tensors(test, StructureStore(paths.structures, cfg.fold))
     everything = np.arange(len(data))
-    fold_predictions = []
-    for fold, checkpoint in enumerate(checkpoints):
-        cache = checkpoint.parent / "test_pred.pkl"
-        if cache.exists() and not force:
-            fold_predictions.append(read_pickle(cache))
-            continue
-        model = build_model(cfg.model).to(device)
-        model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["model"])
-        pred = predict(model, data, everything, device, tc.eval_batch_size, tc.bf16, tc.channels_last,
-                       desc=f"test fold {fold}")
-        write_pickle(cache, pred)
-        fold_predictions.append(pred)
+    fold_predictions = [{i: m[0] for i, m in fold_test_moments(cfg, fold, data, device, force).items()}
+                        for fold in range(tc.folds)]
     mean = [np.mean([p[i] for p in fold_predictions], axis=0) for i in everything]
     submission = paths.submissions / f"{cfg.model.name}.csv"
     write_csv(submission, predictions_frame(list(data.ids), mean, [len(s) for s in data.sequence]))

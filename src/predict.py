@@ -113,7 +113,7 @@ def predict_classifier(records, weights: list[Path], path: Path, device) -> pd.D
 def default_weights(cfg, task: str) -> list[Path]:
     run = Paths(cfg).run
     if task == "openvaccine":
-        found = sorted((run / "models" / cfg.model.name).glob("fold*/best.pt"))
+        found = sorted((run / "models" / cfg.model.name).glob("fold*/model.pt"))
         stage = "03_train_folds"
     elif task == "promoter":
         found = sorted((run / "promoter" / cfg.promoter.model).glob("fold*.pt"))

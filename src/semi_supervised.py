@@ -1,11 +1,16 @@
 """Semi-supervised learning (paper 2.3.3, 3.3.2): stage 04 labels the test set with an ensemble of NT
-depths, stage 05 trains on those pseudo-labels plus the training fold, then finetunes on ground truth.
+depths, stage 05 trains on those pseudo-labels plus the training fold, then on ground truth.
 
-Honest OOF: the pseudo-labels used while training fold f come only from the fold-f models of stage
-04, which never saw fold f's labels, so fold f's OOF predictions stay out-of-fold.
+Honest OOF: the pseudo-labels used while training fold f come only from the fold-f models of every
+depth (the teachers), which never saw fold f's labels, so fold f's OOF predictions stay out-of-fold.
+
+Each pseudo-label carries an uncertainty: the standard deviation of the teachers' predictions across
+teachers x the 12 structure predictions. Positions are weighted by 0.5 + exp(-pseudo.uncertainty_beta
+* std) (the reference solution's weighting), through the same error-weighted loss as the labels.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,12 +20,13 @@ import numpy as np
 from .config import Config, Paths, with_settings
 from .dataset import RNATensors, load_rna_tensors
 from .io_utils import read_pickle, write_csv, write_json, write_pickle
-from .openvaccine import (_claim_model_dir, fold_indices, initial_weights, load_training_data, model_dir,
-                          predict_test, read_prepared, train_folds, training_settings, write_training_outputs)
+from .openvaccine import (_claim_model_dir, fold_indices, fold_test_moments, initial_weights, load_training_data,
+                          model_dir, predict_test, read_prepared, train_folds, training_settings,
+                          write_training_outputs)
 from .stage import InputError, artifact_meta
 from .structures import StructureStore
 from .submission import predictions_frame
-from .train import configure_threads, resolve_device, train_fold
+from .train import configure_threads, final_model_path, resolve_device, train_fold
 
 
 def depth_models(cfg: Config) -> list[Config]:
@@ -36,7 +42,8 @@ def pseudo_label_path(cfg: Config, fold: int) -> Path:
 
 
 def pseudo_key(cfg: Config) -> dict:
-    return {"models": [training_settings(m) for m in depth_models(cfg)], "prepared": _prepared_meta(cfg)}
+    return {"models": [training_settings(m) for m in depth_models(cfg)], "pseudo": dict(cfg.pseudo),
+            "prepared": _prepared_meta(cfg)}
 
 
 def _prepared_meta(cfg: Config) -> str | None:
@@ -44,60 +51,139 @@ def _prepared_meta(cfg: Config) -> str | None:
     return meta.read_text() if meta.exists() else None
 
 
+def combine_teachers(moments: list[dict[int, np.ndarray]], positions: int) -> dict[int, np.ndarray]:
+    """{index: (2, P, 5)}: mean and standard deviation over teachers x structure predictions of the
+    first P = min(positions, L) positions, from each teacher's per-structure (mean, std)."""
+    combined = {}
+    for i in moments[0]:
+        stacked = np.stack([m[i][:, :positions] for m in moments])  # (teachers, 2, P, 5)
+        mean = stacked[:, 0].mean(axis=0)
+        second = (stacked[:, 1] ** 2 + stacked[:, 0] ** 2).mean(axis=0)
+        combined[i] = np.stack([mean, np.sqrt(np.maximum(second - mean ** 2, 0.0))]).astype(np.float32)
+    return combined
+
+
+def fold_pseudo_labels(cfg: Config, fold: int, test: RNATensors, device, force: bool = False) -> dict:
+    """Fold f's pseudo-labels from the fold-f model of every depth (trained by stage 04 if missing)."""
+    moments = [fold_test_moments(m, fold, test, device, force) for m in depth_models(cfg)]
+    return combine_teachers(moments, cfg.pseudo.positions)
+
+
 def pseudo_label(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
-    """Stage 04: train (or reuse) every depth model on the shared folds, predict the test set, and
-    average per fold over models; each prediction is already the mean over the 12 structures."""
+    """Stage 04: train (or reuse) every depth model on the shared folds, then label the test set per fold."""
     models = depth_models(cfg)
     if not models:
         return [], {"skipped": "pseudo.depths is empty"}
     for model_cfg in models:
         train_folds(model_cfg, force=False)  # resumes; a finished model is only read back
-        predict_test(model_cfg, force=False)
-    test = read_prepared(cfg, "test")
+    configure_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    frame = read_prepared(cfg, "test")
+    test = load_rna_tensors(frame, StructureStore(Paths(cfg).structures, cfg.fold))
     per_fold = []
     for fold in range(cfg.train.folds):
-        predictions = [read_pickle(model_dir(m) / f"fold{fold}" / "test_pred.pkl") for m in models]
-        mean = {i: np.mean([p[i] for p in predictions], axis=0) for i in range(len(test))}
-        write_pickle(pseudo_label_path(cfg, fold), mean)
-        per_fold.append(mean)
+        labels = fold_pseudo_labels(cfg, fold, test, device, force)
+        write_pickle(pseudo_label_path(cfg, fold), labels)
+        per_fold.append(labels)
+    for model_cfg in models:  # every depth also joins the blend (stage 07) with its own submission
+        predict_test(model_cfg, force=False)
     paths = Paths(cfg)
-    overall = [np.mean([f[i] for f in per_fold], axis=0) for i in range(len(test))]
+    overall = [np.mean([f[i][0] for f in per_fold], axis=0) for i in range(len(test))]
     csv = paths.oof / "pseudo_labels.csv"
-    write_csv(csv, predictions_frame(list(test.id), overall, list(test.seq_length)))
+    write_csv(csv, predictions_frame(list(test.ids), overall, [len(p) for p in overall]))
+    spread = np.concatenate([f[i][1].ravel() for f in per_fold for i in f])
     report = paths.oof / "pseudo_labels.json"
     write_json(report, {"models": [m.model.name for m in models], "depths": list(cfg.pseudo.depths),
-                        "folds": cfg.train.folds, "per_fold_files": [str(pseudo_label_path(cfg, f))
-                                                                     for f in range(cfg.train.folds)],
-                        "note": "fold f's file averages only the fold-f checkpoints of every model",
+                        "folds": cfg.train.folds, "positions": cfg.pseudo.positions,
+                        "uncertainty_std": {"mean": float(spread.mean()), "median": float(np.median(spread)),
+                                            "p90": float(np.quantile(spread, 0.9))},
+                        "per_fold_files": [str(pseudo_label_path(cfg, f)) for f in range(cfg.train.folds)],
+                        "note": "fold f's labels come only from the fold-f model of every depth",
                         **artifact_meta(cfg)})
     return [csv, report, *[pseudo_label_path(cfg, f) for f in range(cfg.train.folds)]], \
         {"models": [m.model.name for m in models], "test_rows": len(test)}
 
 
 def semi_model(cfg: Config) -> Config:
-    return with_settings(cfg, **{"model.name": f"{cfg.model.name}_semi"})
+    return with_settings(cfg, **{"model.name": f"{cfg.model.name}_{cfg.semi.tag}"})
+
+
+def pseudo_labels_hash(cfg: Config) -> str | None:
+    """Content hash of every fold's pseudo-label file (None until stage 04 wrote them all)."""
+    digest = hashlib.sha256()
+    for fold in range(cfg.train.folds):
+        path = pseudo_label_path(cfg, fold)
+        if not path.exists():
+            return None
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def semi_stamp(cfg: Config) -> dict:
+    """What stage 05's result depends on beyond the training settings."""
+    return {"semi": dict(cfg.semi), "pseudo": dict(cfg.pseudo), "pseudo_labels": pseudo_labels_hash(cfg)}
 
 
 def semi_key(cfg: Config) -> dict:
-    return {"semi": dict(cfg.semi), **training_settings(semi_model(cfg)), "pseudo": pseudo_key(cfg)}
+    return {**training_settings(semi_model(cfg)), **semi_stamp(cfg), "pseudo_models": pseudo_key(cfg)}
 
 
-def with_pseudo_labels(train: RNATensors, test: RNATensors, labels: dict[int, np.ndarray]) -> RNATensors:
-    """Train rows first, then every test row labelled over its scored window (error 0, never validated)."""
+def with_pseudo_labels(train: RNATensors, test: RNATensors, labels: dict[int, np.ndarray],
+                       error_scale: float) -> RNATensors:
+    """Train rows first, then every test row labelled over its first P positions. The labels' spread
+    becomes their `errors`, scaled so that the loss weight alpha + exp(-loss_beta * error) equals
+    alpha + exp(-uncertainty_beta * std). Test rows are never validated (SN_filter 0)."""
     n = len(test)
-    pseudo_targets = [labels[i][:test.seq_scored[i]].astype(np.float32) for i in range(n)]
+    targets = [labels[i][0] for i in range(n)]
+    errors = [labels[i][1] * error_scale for i in range(n)]
     return replace(
         train,
         ids=train.ids + test.ids, sequence=train.sequence + test.sequence,
         structure=train.structure + test.structure, loop=train.loop + test.loop, bpp=train.bpp + test.bpp,
-        seq_scored=np.concatenate([train.seq_scored, test.seq_scored]),
-        targets=train.targets + pseudo_targets, errors=train.errors + [np.zeros_like(t) for t in pseudo_targets],
+        seq_scored=np.concatenate([train.seq_scored, [len(t) for t in targets]]),
+        targets=train.targets + targets, errors=train.errors + errors,
         signal_to_noise=np.concatenate([train.signal_to_noise, np.full(n, np.inf)]),
         sn_filter=np.concatenate([train.sn_filter, np.zeros(n, dtype=train.sn_filter.dtype)]))
 
 
+def semi_start(cfg: Config, fold: int) -> Path | None:
+    """Phase 1's starting weights: semi.start = supervised (the fold's stage-03 model) or pretrained
+    (stage 02's encoder / train.init_weights, as stage 03 starts)."""
+    if cfg.semi.start == "supervised":
+        path = final_model_path(model_dir(cfg) / f"fold{fold}")
+        if not path.exists():
+            raise InputError(path, "not found: run stage 03 (train_folds) first, or set semi.start=pretrained")
+        return path
+    if cfg.semi.start == "pretrained":
+        return initial_weights(cfg)
+    raise InputError("semi.start", f"must be supervised or pretrained, not {cfg.semi.start!r}")
+
+
+def semi_supervised_fold(cfg: Config, semi: Config, fold: int, data: RNATensors, test: RNATensors,
+                         folds: np.ndarray, device) -> dict:
+    """Phase 1: flat LR on the training fold (+ every pseudo-labelled row when semi.phase1_pseudo);
+    phase 2: cosine annealing on the training fold (+ semi.phase2_pseudo_ratio x as many pseudo-labelled
+    rows, drawn afresh each epoch). Returns phase 2's fold record."""
+    s = cfg.semi
+    error_scale = cfg.pseudo.uncertainty_beta / cfg.train.loss_beta
+    combined = with_pseudo_labels(data, test, read_pickle(pseudo_label_path(cfg, fold)), error_scale)
+    train_idx, val_idx = fold_indices(cfg, data, folds, fold)
+    pseudo_idx = np.arange(len(data), len(combined))
+    folder = model_dir(semi) / f"fold{fold}"
+    phase1 = with_settings(semi, **{"train.epochs": s.pseudo_epochs, "train.flat_fraction": 1.0})
+    phase2 = with_settings(semi, **{"train.epochs": s.finetune_epochs, "train.flat_fraction": 0.0})
+    first = folder / "pseudo_phase"
+    phase1_rows = np.concatenate([train_idx, pseudo_idx]) if s.phase1_pseudo else train_idx
+    start = semi_start(cfg, fold)
+    if s.pseudo_epochs > 0:
+        train_fold(phase1, combined, fold, phase1_rows, val_idx, first, device, start)
+        start = final_model_path(first)
+    sampled = (pseudo_idx, int(round(s.phase2_pseudo_ratio * len(train_idx)))) if s.phase2_pseudo_ratio else None
+    return train_fold(phase2, combined, fold, train_idx, val_idx, folder, device, start, sampled=sampled)
+
+
 def semi_supervised(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
-    """Stage 05: per fold, pseudo-labels + training fold at a flat LR, then ground truth with cosine."""
+    """Stage 05: every fold through both phases, then OOF, figures and the submission."""
     if not cfg.pseudo.depths:
         return [], {"skipped": "pseudo.depths is empty"}
     missing = [pseudo_label_path(cfg, f) for f in range(cfg.train.folds) if not pseudo_label_path(cfg, f).exists()]
@@ -109,19 +195,8 @@ def semi_supervised(cfg: Config, force: bool = False) -> tuple[list[Path], dict]
     frame, data, folds = load_training_data(cfg)
     test = load_rna_tensors(read_prepared(cfg, "test"), StructureStore(Paths(cfg).structures, cfg.fold))
     semi = semi_model(cfg)
-    folder = _claim_model_dir(semi, force)
-    pseudo_phase = with_settings(semi, **{"train.epochs": cfg.semi.pseudo_epochs, "train.flat_fraction": 1.0})
-    truth_phase = with_settings(semi, **{"train.epochs": cfg.semi.finetune_epochs, "train.flat_fraction": 0.0})
-    results = []
-    for fold in range(cfg.train.folds):
-        combined = with_pseudo_labels(data, test, read_pickle(pseudo_label_path(cfg, fold)))
-        train_idx, val_idx = fold_indices(cfg, data, folds, fold)
-        pseudo_idx = np.arange(len(data), len(combined))
-        first = folder / f"fold{fold}" / "pseudo_phase"
-        train_fold(pseudo_phase, combined, fold, np.concatenate([train_idx, pseudo_idx]), val_idx, first, device,
-                   initial_weights(cfg))
-        results.append(train_fold(truth_phase, combined, fold, train_idx, val_idx, folder / f"fold{fold}", device,
-                                  first / "best.pt"))
+    _claim_model_dir(semi, force, semi_stamp(cfg))
+    results = [semi_supervised_fold(cfg, semi, fold, data, test, folds, device) for fold in range(cfg.train.folds)]
     outputs, summary = write_training_outputs(semi, data, frame, results, device, start)
     submission, predicted = predict_test(semi, force)
     return outputs + submission, {**summary, **predicted, "model": semi.model.name}

@@ -88,3 +88,14 @@ def test_flat_then_cosine_schedule():
     assert lrs[0] == lrs[74] == pytest.approx(1e-3)
     assert lrs[75] == pytest.approx(1e-3) and lrs[87] == pytest.approx(0.5e-3, rel=0.1)
     assert lrs[99] < 1e-5 and all(a >= b for a, b in zip(lrs[75:], lrs[76:]))
+
+
+def test_column_weights_scale_each_target_column():
+    pred, target = torch.zeros(2, 3, 5), torch.ones(2, 3, 5)
+    target[..., 2] = 3.0
+    errors = torch.zeros(2, 3, 5)  # weight alpha + 1 = 1.5 everywhere
+    assert error_weighted_mse(pred, target, errors).item() == pytest.approx(1.5 * (4 + 9) / 5)
+    only_third = error_weighted_mse(pred, target, errors, column_weights=[0, 0, 1, 0, 0]).item()
+    assert only_third == pytest.approx(1.5 * 9 / 5)
+    halved = error_weighted_mse(pred, target, errors, column_weights=[1, 1, 0.5, 1, 1]).item()
+    assert halved == pytest.approx(1.5 * (4 + 4.5) / 5)

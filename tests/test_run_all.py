@@ -57,27 +57,43 @@ def test_smoke_pipeline_runs_every_stage(smoke_run):
     assert store.pending(sequences) == [] and len(store.load(sequences)) == 60
 
 
-def test_pseudo_labels_cover_every_test_position(smoke_run):
+def test_pseudo_labels_are_per_fold_teacher_moments(smoke_run):
+    """Fold f's labels = mean and spread over the fold-f models of every depth x 12 structures, over the
+    first 91 positions of every test row; nothing from another fold's model."""
+    from src.semi_supervised import combine_teachers
+
     workspace, _ = smoke_run
     test = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
     labels = pd.read_csv(workspace / "oof" / "pseudo_labels.csv")
-    assert list(labels.id_seqpos) == expected_ids(test)
+    assert list(labels.id_seqpos) == [f"{i}_{p}" for i in test.id for p in range(91)]
     assert np.isfinite(labels.iloc[:, 1:].to_numpy()).all()
     report = json.loads((workspace / "oof" / "pseudo_labels.json").read_text())
     assert report["models"] == ["nt_k1", "nt"] and report["depths"] == [1, 2] and report["folds"] == 3
+    models = workspace / "work" / "smoke" / "models"
     for fold in range(3):
         per_fold = pd.read_pickle(workspace / "work" / "smoke" / "pseudo_labels" / f"fold{fold}.pkl")
         assert sorted(per_fold) == list(range(len(test)))
-        assert all(per_fold[i].shape == (n, 5) for i, n in enumerate(test.seq_length))
+        assert all(per_fold[i].shape == (2, 91, 5) and (per_fold[i][1] > 0).all() for i in per_fold)
+        teachers = [pd.read_pickle(models / m / f"fold{fold}" / "test_moments.pkl") for m in ("nt_k1", "nt")]
+        expected = combine_teachers(teachers, 91)
+        assert all(np.allclose(per_fold[i], expected[i]) for i in per_fold)
+        other = combine_teachers([pd.read_pickle(models / m / f"fold{(fold + 1) % 3}" / "test_moments.pkl")
+                                  for m in ("nt_k1", "nt")], 91)
+        assert not np.allclose(per_fold[0], other[0])
 
 
 def test_semi_supervised_model_has_oof_cv_and_submission(smoke_run):
+    from src.semi_supervised import pseudo_labels_hash
+
     workspace, _ = smoke_run
     oof = pd.read_csv(workspace / "oof" / "nt_semi.csv")
     assert len(oof) == 40 * 68, "OOF covers training rows only"
     cv = json.loads((workspace / "oof" / "nt_semi_cv.json").read_text())
     assert len(cv["per_fold"]) == 3 and cv["model"] == "nt_semi"
     assert len(pd.read_csv(workspace / "submissions" / "nt_semi.csv")) == 10 * 107 + 10 * 130
+    stamp = json.loads((workspace / "work" / "smoke" / "models" / "nt_semi" / "settings.json").read_text())
+    cfg = load_config("smoke", overrides=[f"paths.work={workspace / 'work'}"])
+    assert stamp["semi"] == dict(cfg.semi) and stamp["pseudo_labels"] == pseudo_labels_hash(cfg) is not None
 
 
 def test_final_blend_uses_every_model_and_beats_its_members(smoke_run):

@@ -69,6 +69,40 @@ def test_training_lowers_the_loss_and_writes_oof(trained_workspace):
         assert (trained_workspace / "figures" / figure).stat().st_size > 10_000
 
 
+def test_fold_model_is_the_average_of_its_best_epochs(trained_workspace):
+    """smoke: average_top_k 2. top/ keeps the 2 best validated epochs; model.pt is their mean when that
+    validates better than the best epoch alone, else best.pt's weights."""
+    from src.train import average_weights
+
+    for fold in range(3):
+        fold_dir = trained_workspace / "work" / "smoke" / "models" / "nt" / f"fold{fold}"
+        state = torch.load(fold_dir / "last.pt", weights_only=False)["state"]
+        result = pd.read_pickle(fold_dir / "result.pkl")
+        ranked = sorted((h["mcrmse_scored"], h["epoch"]) for h in state["history"] if "mcrmse_scored" in h)
+        assert [e for _, e in sorted(state["top"])] == [e for _, e in ranked[:2]]
+        assert sorted(p.name for p in (fold_dir / "top").iterdir()) == sorted(f"epoch{e}.pt" for _, e in ranked[:2])
+        model = torch.load(fold_dir / "model.pt", weights_only=True)["model"]
+        if result["averaged_epochs"]:
+            assert result["averaged_score"] < result["best_single_score"]
+            expected = average_weights([fold_dir / "top" / f"epoch{e}.pt" for _, e in ranked[:2]], torch.device("cpu"))
+        else:
+            assert result["averaged_score"] >= result["best_single_score"]
+            expected = torch.load(fold_dir / "best.pt", weights_only=True)["model"]
+        assert all(torch.equal(model[k], expected[k]) for k in expected)
+    cv = json.loads((trained_workspace / "oof" / "nt_cv.json").read_text())
+    assert all("averaged_epochs" in f and f["val_best_single"] > 0 for f in cv["per_fold"])
+
+
+def test_validation_slots_spread_over_the_structures():
+    from src.config import load_config, with_settings
+    from src.train import validation_slots
+
+    cfg = load_config("cpu")
+    assert validation_slots(cfg.train, 12) == [0, 6, 11]
+    assert validation_slots(with_settings(cfg, **{"train.val_structures": None}).train, 12) == list(range(12))
+    assert validation_slots(with_settings(cfg, **{"train.val_structures": 20}).train, 12) == list(range(12))
+
+
 def test_oof_is_deterministic_for_a_fixed_seed(folded_workspace, trained_workspace, tmp_path):
     again = copy_of(folded_workspace, tmp_path / "again")
     train(again)
@@ -92,11 +126,17 @@ def test_killed_fold_resumes_to_the_same_result(folded_workspace, trained_worksp
     assert (workspace / "oof" / "nt.csv").read_bytes() == (trained_workspace / "oof" / "nt.csv").read_bytes()
 
 
-def test_changed_settings_refuse_to_resume(trained_workspace, tmp_path):
+def test_changed_settings_retrain_from_scratch(trained_workspace, tmp_path):
     workspace = copy_of(trained_workspace, tmp_path / "changed")
+    folder = workspace / "work" / "smoke" / "models" / "nt"
     result = subprocess.run(train_command(workspace) + ["--set", "train.epochs=4"], cwd=REPO,
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "holds checkpoints trained with other settings" in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert "trained with other settings; retraining from scratch" in result.stdout
+    assert "resuming" not in result.stdout
+    assert json.loads((folder / "settings.json").read_text())["train"]["epochs"] == 4
+    history = torch.load(folder / "fold0" / "last.pt", weights_only=False)["state"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")
