@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Which semi-supervised recipe pays: trains stage 05's variants on one fold and prints their
+validation MCRMSE next to the stage-03 model of that fold (issue: "pseudo-labelling that pays").
+
+    python benchmarks/semi_variants.py --fold 0                      # cpu preset, variants a b c
+    python benchmarks/semi_variants.py --fold 1 --variants a c --set semi.finetune_epochs=6
+
+Variants (all start from semi.start, default here: the fold's stage-03 model):
+  a  the paper's order: phase 1 on pseudo-labels + the training fold (flat LR), phase 2 on ground truth
+  b  as a, with as many pseudo-labelled rows as training rows drawn into every phase-2 epoch
+  c  control: the same epochs on ground truth only (no pseudo-labels)
+
+Needs stages 00-03 of the preset. Writes fold f's pseudo-labels if stage 04 has not, trains each
+variant as model nt_v<variant> and appends the figures to oof/semi_variants.json.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.config import Paths, load_config, with_settings  # noqa: E402
+from src.dataset import load_rna_tensors  # noqa: E402
+from src.io_utils import read_pickle, write_json, write_pickle  # noqa: E402
+from src.openvaccine import _claim_model_dir, load_training_data, model_dir, read_prepared  # noqa: E402
+from src.semi_supervised import (fold_pseudo_labels, pseudo_label_path, semi_model, semi_stamp,  # noqa: E402
+                                 semi_supervised_fold)
+from src.structures import StructureStore  # noqa: E402
+from src.train import configure_threads, resolve_device, score_rows  # noqa: E402
+
+VARIANTS = {
+    "a": {"semi.phase1_pseudo": True, "semi.phase2_pseudo_ratio": 0.0},
+    "b": {"semi.phase1_pseudo": True, "semi.phase2_pseudo_ratio": 1.0},
+    "c": {"semi.phase1_pseudo": False, "semi.phase2_pseudo_ratio": 0.0},
+}
+
+
+def fold_score(data, oof: dict, val_idx: np.ndarray) -> dict:
+    scored = val_idx[data.sn_filter[val_idx] == 1]
+    return {k: round(v, 5) for k, v in score_rows(data, oof, scored).items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    cfg = load_config(args.preset, overrides=["semi.start=supervised", *args.set])
+    configure_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    frame, data, folds = load_training_data(cfg)
+    test = load_rna_tensors(read_prepared(cfg, "test"), StructureStore(Paths(cfg).structures, cfg.fold))
+
+    supervised = read_pickle(model_dir(cfg) / f"fold{args.fold}" / "result.pkl")
+    rows = [{"variant": "stage 03", "fold": args.fold, **fold_score(data, supervised["oof"], supervised["val_idx"])}]
+    labels_path = pseudo_label_path(cfg, args.fold)
+    if not labels_path.exists():
+        start = time.time()
+        write_pickle(labels_path, fold_pseudo_labels(cfg, args.fold, test, device))
+        print(f"fold {args.fold} pseudo-labels: {time.time() - start:.0f}s", flush=True)
+    for variant in args.variants:
+        vcfg = with_settings(cfg, **VARIANTS[variant], **{"semi.tag": f"v{variant}"})
+        semi = semi_model(vcfg)
+        _claim_model_dir(semi, False, semi_stamp(vcfg))
+        start = time.time()
+        result = semi_supervised_fold(vcfg, semi, args.fold, data, test, folds, device)
+        rows.append({"variant": variant, "fold": args.fold, **fold_score(data, result["oof"], result["val_idx"]),
+                     "minutes": round((time.time() - start) / 60, 1), "settings": VARIANTS[variant],
+                     "best_epoch": result["best_epoch"], "averaged_epochs": result["averaged_epochs"]})
+        print(json.dumps(rows[-1]), flush=True)
+
+    print(f"\nfold {args.fold}, preset {args.preset}, semi {dict(cfg.semi)}")
+    print(f"{'variant':10s} {'MCRMSE (3 scored)':>18s} {'all 5':>8s} {'minutes':>8s}")
+    for row in rows:
+        print(f"{row['variant']:10s} {row['mcrmse_scored']:18.4f} {row['mcrmse_all5']:8.4f} {row.get('minutes', ''):>8}")
+    report = Paths(cfg).oof / "semi_variants.json"
+    earlier = json.loads(report.read_text()) if report.exists() else []
+    write_json(report, earlier + [{"preset": args.preset, "overrides": args.set, "semi": dict(cfg.semi),
+                                   "pseudo": dict(cfg.pseudo), "rows": rows}])
+
+
+if __name__ == "__main__":
+    main()
