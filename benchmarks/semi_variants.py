@@ -10,8 +10,10 @@ Variants (all start from semi.start, default here: the fold's stage-03 model):
   b  as a, with as many pseudo-labelled rows as training rows drawn into every phase-2 epoch
   c  control: the same epochs on ground truth only (no pseudo-labels)
 
-Needs stages 00-03 of the preset. Writes fold f's pseudo-labels if stage 04 has not, trains each
-variant as model nt_v<variant> and appends the figures to oof/semi_variants.json.
+Needs stages 00-03 of the preset. Writes fold f's pseudo-labels (from the cached test predictions of
+the fold-f teachers; with other pseudo.* settings than stage 04's, rerun stage 04 with --force
+afterwards), trains each variant as model nt_v<variant> and appends the figures to
+oof/semi_variants.json.
 """
 import argparse
 import json
@@ -44,6 +46,10 @@ def fold_score(data, oof: dict, val_idx: np.ndarray) -> dict:
     return {k: round(v, 5) for k, v in score_rows(data, oof, scored).items()}
 
 
+def _same_labels(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[i].shape == b[i].shape and np.array_equal(a[i], b[i]) for i in a)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu")
@@ -59,11 +65,12 @@ def main() -> None:
 
     supervised = read_pickle(model_dir(cfg) / f"fold{args.fold}" / "result.pkl")
     rows = [{"variant": "stage 03", "fold": args.fold, **fold_score(data, supervised["oof"], supervised["val_idx"])}]
+    start = time.time()  # teachers' test predictions are cached; the labels follow pseudo.* every run
+    labels = fold_pseudo_labels(cfg, args.fold, test, device)
     labels_path = pseudo_label_path(cfg, args.fold)
-    if not labels_path.exists():
-        start = time.time()
-        write_pickle(labels_path, fold_pseudo_labels(cfg, args.fold, test, device))
-        print(f"fold {args.fold} pseudo-labels: {time.time() - start:.0f}s", flush=True)
+    if not labels_path.exists() or not _same_labels(read_pickle(labels_path), labels):
+        write_pickle(labels_path, labels)
+    print(f"fold {args.fold} pseudo-labels: {time.time() - start:.0f}s", flush=True)
     for variant in args.variants:
         vcfg = with_settings(cfg, **VARIANTS[variant], **{"semi.tag": f"v{variant}"})
         semi = semi_model(vcfg)

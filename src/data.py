@@ -12,17 +12,17 @@ import numpy as np
 import pandas as pd
 
 from .config import Config, Paths
+from .features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS
 from .io_utils import copy_file, write_bytes, write_json, write_pickle
 from .loop_types import pair_table
 from .stage import InputError, artifact_meta
 
 TARGETS = ["reactivity", "deg_Mg_pH10", "deg_pH10", "deg_Mg_50C", "deg_50C"]
 SCORED_TARGETS = ["reactivity", "deg_Mg_pH10", "deg_Mg_50C"]
+SCORED_COLUMNS = [TARGETS.index(t) for t in SCORED_TARGETS]  # their positions among the 5 targets
 ERRORS = ["reactivity_error", "deg_error_Mg_pH10", "deg_error_pH10", "deg_error_Mg_50C", "deg_error_50C"]
 COMMON_FIELDS = ["id", "sequence", "structure", "predicted_loop_type", "seq_length", "seq_scored"]
 TRAIN_FIELDS = COMMON_FIELDS + TARGETS + ERRORS + ["signal_to_noise", "SN_filter"]
-NUCLEOTIDES = "ACGU"
-LOOP_LETTERS = "SHBIMXE"
 KAGGLE_NAME = "stanford-covid-vaccine"
 SPLITS = ("train", "test")
 
@@ -120,8 +120,8 @@ def _validate_strings(record, fail):
         raise fail("seq_length", f"must be a positive integer, got {length!r}")
     if not _is_int(scored) or not 0 < scored <= length:
         raise fail("seq_scored", f"must be an integer in 1..seq_length ({length}), got {scored!r}")
-    for field, alphabet in (("sequence", NUCLEOTIDES), ("structure", "()."),
-                            ("predicted_loop_type", LOOP_LETTERS)):
+    for field, alphabet in (("sequence", SEQUENCE_TOKENS), ("structure", STRUCTURE_TOKENS),
+                            ("predicted_loop_type", LOOP_TOKENS)):
         text = record[field]
         if not isinstance(text, str):
             raise fail(field, "must be a string")

@@ -92,8 +92,15 @@ def task_work_dir(folder: Path, key: dict, force: bool) -> Path:
     return folder
 
 
+def task_input(cfg: Config, task: str) -> Path:
+    """A classification task's raw folder: <data dir>/<task> when the data folder (--data-dir,
+    $NT_DATA_DIR) holds it, else input/<task> (copied there by stage 00), so stages 10-12 run alone."""
+    given = Path(cfg.data_dir) / task
+    return given if given.is_dir() else Paths(cfg).input / task
+
+
 def promoter_key(cfg: Config) -> dict:
-    path = Paths(cfg).input / "promoter" / "v9d3.csv"
+    path = task_input(cfg, "promoter") / "v9d3.csv"
     digest = hashlib.sha1(path.read_bytes()).hexdigest() if path.exists() else None
     return {"promoter": dict(cfg.promoter), "seed": cfg.seed, "data_sha1": digest}
 
@@ -104,7 +111,7 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     paths, pc = Paths(cfg), cfg.promoter
     configure_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    frame = stratified_subset(read_promoter(paths.input / "promoter" / "v9d3.csv"), pc.max_rows, cfg.seed)
+    frame = stratified_subset(read_promoter(task_input(cfg, "promoter") / "v9d3.csv"), pc.max_rows, cfg.seed)
     work = task_work_dir(paths.run / "promoter" / pc.model, promoter_key(cfg), force)
     result = run_cv(cfg, pc, frame, work, device)
     oof = paths.oof / "promoter_oof.csv"
@@ -128,8 +135,8 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     return outputs, {k: round(v, 4) for k, v in result["summary"].items() if k in ("accuracy", "mcc")}
 
 
-def _data_key(cfg: Config, section: str, relative: str) -> dict:
-    path = Paths(cfg).input / relative
+def _data_key(cfg: Config, section: str, task: str) -> dict:
+    path = task_input(cfg, task)
     files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
     digest = hashlib.sha1(b"".join(f.read_bytes() for f in files if f.exists())).hexdigest()
     return {section: dict(cfg[section]), "seed": cfg.seed, "data_sha1": digest}
@@ -195,13 +202,13 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     paths, vc = Paths(cfg), cfg.viral
     configure_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    frame = stratified_subset(read_viral(paths.input / "viral"), vc.max_rows, cfg.seed)
+    frame = stratified_subset(read_viral(task_input(cfg, "viral")), vc.max_rows, cfg.seed)
     labels = frame.label.to_numpy()
     everything = np.arange(len(frame))
     held_out = everything[frame.group.to_numpy() == vc.holdout_experiment]
     if not len(held_out):
         from .stage import InputError
-        raise InputError(paths.input / "viral", f"no sequences of experiment '{vc.holdout_experiment}' "
+        raise InputError(task_input(cfg, "viral"), f"no sequences of experiment '{vc.holdout_experiment}' "
                          f"(viral.holdout_experiment; found {', '.join(sorted(frame.group.unique()))})")
     others = np.setdiff1d(everything, held_out)
     protocols = {"experiment": (*_split(others, labels, vc.validation_fraction, cfg.seed), held_out)}
@@ -244,7 +251,7 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     paths, mc = Paths(cfg), cfg.mirna
     configure_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    frame = stratified_subset(read_mirna(paths.input / "mirna"), mc.max_rows, cfg.seed)
+    frame = stratified_subset(read_mirna(task_input(cfg, "mirna")), mc.max_rows, cfg.seed)
     labels = frame.label.to_numpy()
     train_idx, test_idx = _split(np.arange(len(frame)), labels, 0.3, cfg.seed)
     work = task_work_dir(paths.run / "mirna", mirna_key(cfg), force)

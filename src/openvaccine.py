@@ -12,14 +12,14 @@ import pandas as pd
 import torch
 
 from .config import Config, Paths, config_hash
-from .data import TARGETS
+from .data import SCORED_COLUMNS, TARGETS
 from .dataset import load_rna_tensors
 from .io_utils import read_pickle, write_csv, write_json, write_pickle
 from .metrics import columnwise_rmse
 from .stage import InputError, artifact_meta
 from .structures import StructureStore
 from .submission import check_submission, predictions_frame
-from .train import (SCORED_COLUMNS, build_model, configure_threads, final_model_path, predict, resolve_device,
+from .train import (build_model, configure_threads, final_model_path, predict, resolve_device,
                     score_rows, train_fold)
 
 

@@ -58,7 +58,7 @@ def plot_learning_curves(path, model_name: str, histories: list[list[dict]]) -> 
 
 def plot_oof_error(path, model_name: str, data, oof: dict, frame) -> None:
     """OOF RMSE (mean over the 3 scored columns) by position and by the competition's loop type."""
-    from .train import SCORED_COLUMNS
+    from .data import SCORED_COLUMNS
 
     rows = [i for i in range(len(data)) if data.sn_filter[i] == 1]
     errors = [(oof[i][:data.seq_scored[i]] - data.targets[i])[:, SCORED_COLUMNS] ** 2 for i in rows]

@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
+        from .features import SEQUENCE_TOKENS
         from .io_utils import write_csv
         from .train import resolve_device
 
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         records = read_records(path)
         weights = [Path(w) for w in args.weights] if args.weights else default_weights(cfg, args.task)
         if args.task == "openvaccine":
-            cleaned = clean_records(records, path, "ACGU", ("T", "U"), MAX_RNA_LENGTH)
+            cleaned = clean_records(records, path, SEQUENCE_TOKENS, ("T", "U"), MAX_RNA_LENGTH)
             frame = predict_openvaccine(cfg, cleaned, weights, device)
         else:
             frame = predict_classifier(records, weights, path, device)

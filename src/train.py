@@ -14,13 +14,13 @@ import torch
 from ranger_adabelief import RangerAdaBelief
 from tqdm.auto import tqdm
 
+from .data import SCORED_COLUMNS
 from .dataset import RNATensors, collate, length_batches
 from .io_utils import atomic_path, read_pickle, write_pickle
 from .losses import error_weighted_mse
 from .metrics import mcrmse
 from .models.nucleic_transformer import NTConfig, NucleicTransformer
 
-SCORED_COLUMNS = [0, 1, 3]  # reactivity, deg_Mg_pH10, deg_Mg_50C among the 5 targets
 
 
 def resolve_device(name: str) -> torch.device:
