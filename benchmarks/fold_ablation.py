@@ -7,8 +7,9 @@ same fold: the cheap way to measure a change (an ablation row) before paying for
     python benchmarks/fold_ablation.py --name e30 --set train.epochs=30 --fold 1
 
 Needs stages 00-03 of the preset (with pretraining on, the variant starts from stage 02's encoder,
-so settings that change pretraining are not measured here). Trains model <model.name>_<name>'s fold only (resumable), prints both validation
-MCRMSEs (SN_filter = 1 rows of the fold, 12 structures) and appends them to oof/fold_ablations.json.
+so settings that change pretraining are not measured here). Trains model <model.name>_<name>'s fold
+only (resumable), prints both validation MCRMSEs (SN_filter = 1 rows of the fold, 12 structures) and
+appends them to oof/fold_ablations.json.
 """
 import argparse
 import json

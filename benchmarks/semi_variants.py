@@ -46,10 +46,6 @@ def fold_score(data, oof: dict, val_idx: np.ndarray) -> dict:
     return {k: round(v, 5) for k, v in score_rows(data, oof, scored).items()}
 
 
-def _same_labels(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(a[i].shape == b[i].shape and np.array_equal(a[i], b[i]) for i in a)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu")
@@ -66,10 +62,7 @@ def main() -> None:
     supervised = read_pickle(model_dir(cfg) / f"fold{args.fold}" / "result.pkl")
     rows = [{"variant": "stage 03", "fold": args.fold, **fold_score(data, supervised["oof"], supervised["val_idx"])}]
     start = time.time()  # teachers' test predictions are cached; the labels follow pseudo.* every run
-    labels = fold_pseudo_labels(cfg, args.fold, test, device)
-    labels_path = pseudo_label_path(cfg, args.fold)
-    if not labels_path.exists() or not _same_labels(read_pickle(labels_path), labels):
-        write_pickle(labels_path, labels)
+    write_pickle(pseudo_label_path(cfg, args.fold), fold_pseudo_labels(cfg, args.fold, test, device))
     print(f"fold {args.fold} pseudo-labels: {time.time() - start:.0f}s", flush=True)
     for variant in args.variants:
         vcfg = with_settings(cfg, **VARIANTS[variant], **{"semi.tag": f"v{variant}"})

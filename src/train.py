@@ -233,10 +233,10 @@ def train_fold(cfg, data: RNATensors, fold: int, train_idx: np.ndarray, val_idx:
                     if scores else "not validated")
         print(f"fold {fold} epoch {epoch + 1}: loss {train_loss:.4f} {val_text} {time.time() - start:.1f}s",
               flush=True)
-    return _finish_fold(model, data, fold, val_idx, scored_val, fold_dir, device, tc, state)
+    return _finish_fold(model, data, fold, val_idx, scored_val, val_slots, fold_dir, device, tc, state)
 
 
-def _finish_fold(model, data, fold, val_idx, scored_val, fold_dir, device, tc, state) -> dict:
+def _finish_fold(model, data, fold, val_idx, scored_val, val_slots, fold_dir, device, tc, state) -> dict:
     """Pick the fold's model (the average of its top checkpoints when that scores better than the best
     one alone, on the same validation), write it as model.pt and predict the fold's OOF rows."""
     best = torch.load(fold_dir / "best.pt", map_location=device, weights_only=True)["model"]
@@ -248,7 +248,7 @@ def _finish_fold(model, data, fold, val_idx, scored_val, fold_dir, device, tc, s
         averaged = average_weights([_top_path(fold_dir, e) for _, e in top], device)
         model.load_state_dict(averaged)
         val_pred = predict(model, data, scored_val, device, tc.eval_batch_size, tc.bf16, tc.channels_last,
-                           desc="validate average", slots=validation_slots(tc, data.n_slots))
+                           desc="validate average", slots=val_slots)
         score = score_rows(data, val_pred, scored_val)["mcrmse_scored"]
         result["averaged_score"] = score
         print(f"fold {fold}: average of epochs {[e for _, e in top]}: val MCRMSE {score:.4f} "
