@@ -13,16 +13,12 @@ appends them to oof/fold_ablations.json.
 """
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.config import Paths, load_config, with_settings  # noqa: E402
-from src.io_utils import read_pickle, write_json  # noqa: E402
-from src.openvaccine import _claim_model_dir, fold_indices, initial_weights, load_training_data, model_dir  # noqa: E402
-from src.train import configure_threads, resolve_device, score_rows, train_fold  # noqa: E402
+from nucleic.config import Paths, load_config, with_settings
+from nucleic.io_utils import read_pickle, write_json
+from nucleic.openvaccine import _claim_model_dir, fold_indices, initial_weights, load_training_data, model_dir
+from nucleic.train import configure_threads, resolve_device, score_rows, train_fold
 
 
 def main() -> None:

@@ -8,17 +8,14 @@
 Prints figures; asserts nothing.
 """
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.config import load_config  # noqa: E402
-from src.data import load_split, locate_openvaccine  # noqa: E402
-from src.folding import make_source  # noqa: E402
-from src.structures import StructureStore, prediction_slots  # noqa: E402
+from nucleic.config import load_config
+from nucleic.data import load_split, locate_openvaccine
+from nucleic.folding import make_source
+from nucleic.structures import StructureStore, prediction_slots
 
 
 def per_source_speed(cfg, sequences: list[str]) -> None:

@@ -17,22 +17,17 @@ oof/semi_variants.json.
 """
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.config import Paths, load_config, with_settings  # noqa: E402
-from src.dataset import load_rna_tensors  # noqa: E402
-from src.io_utils import read_pickle, write_json, write_pickle  # noqa: E402
-from src.openvaccine import _claim_model_dir, load_training_data, model_dir, read_prepared  # noqa: E402
-from src.semi_supervised import (fold_pseudo_labels, pseudo_label_path, semi_model, semi_stamp,  # noqa: E402
-                                 semi_supervised_fold)
-from src.structures import StructureStore  # noqa: E402
-from src.train import configure_threads, resolve_device, score_rows  # noqa: E402
+from nucleic.config import Paths, load_config, with_settings
+from nucleic.dataset import load_rna_tensors
+from nucleic.io_utils import read_pickle, write_json, write_pickle
+from nucleic.openvaccine import _claim_model_dir, load_training_data, model_dir, read_prepared
+from nucleic.semi_supervised import fold_pseudo_labels, pseudo_label_path, semi_model, semi_stamp, semi_supervised_fold
+from nucleic.structures import StructureStore
+from nucleic.train import configure_threads, resolve_device, score_rows
 
 VARIANTS = {
     "a": {"semi.phase1_pseudo": True, "semi.phase2_pseudo_ratio": 0.0},

@@ -9,17 +9,13 @@ Synthetic inputs (speed does not depend on values). Inference counts a sequence 
 passes, as stage 03/06 average over the 12 structure predictions. Prints figures; asserts nothing.
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.config import load_config  # noqa: E402
-from src.losses import error_weighted_mse  # noqa: E402
-from src.train import autocast, build_model, make_optimizer, native_bf16, use_bf16  # noqa: E402
+from nucleic.config import load_config
+from nucleic.losses import error_weighted_mse
+from nucleic.train import autocast, build_model, make_optimizer, native_bf16, use_bf16
 
 N_STRUCTURES = 12
 

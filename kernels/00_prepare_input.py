@@ -6,12 +6,10 @@ download, or stanford-covid-vaccine.zip). Any bad row stops the stage with one l
 row and field, and nothing is written.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nucleic.data import prepare_input, prepare_key
+from nucleic.stage import run_stage
 
-from src.data import prepare_input, prepare_key  # noqa: E402
-from src.stage import run_stage  # noqa: E402
 
 def main(argv=None) -> int:
     return run_stage("00_prepare_input", __doc__, prepare_key, prepare_input, argv)

@@ -6,12 +6,10 @@ bpRNA-style loop types, stored in hash-keyed shards under work/structures/. Para
 an interrupted run resumes without refolding finished shards.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nucleic.stage import run_stage
+from nucleic.structures import fold_key, fold_structures
 
-from src.stage import run_stage  # noqa: E402
-from src.structures import fold_key, fold_structures  # noqa: E402
 
 def main(argv=None) -> int:
     return run_stage("01_fold_structures", __doc__, fold_key, fold_structures, argv)

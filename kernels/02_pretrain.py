@@ -4,12 +4,9 @@
 Runs when pretrain.enabled is true (else it records a skip); stage 03 then starts from its weights.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.pretrain import pretrain_key, run_pretraining  # noqa: E402
-from src.stage import run_stage  # noqa: E402
+from nucleic.pretrain import pretrain_key, run_pretraining
+from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,9 @@
 #!/usr/bin/env python
 """Stage 04: label the test set with an ensemble of Nucleic Transformers of different depths (per fold)."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.semi_supervised import pseudo_label, pseudo_key  # noqa: E402
-from src.stage import run_stage  # noqa: E402
+from nucleic.semi_supervised import pseudo_key, pseudo_label
+from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:

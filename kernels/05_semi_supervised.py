@@ -1,12 +1,9 @@
 #!/usr/bin/env python
 """Stage 05: train on pseudo-labels + the training fold at a flat LR, then finetune on ground truth with cosine."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.semi_supervised import semi_supervised, semi_key  # noqa: E402
-from src.stage import run_stage  # noqa: E402
+from nucleic.semi_supervised import semi_key, semi_supervised
+from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:

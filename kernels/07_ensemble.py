@@ -4,12 +4,9 @@
 Non-negative weights per target column minimise the OOF MCRMSE on SN_filter == 1 rows.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.ensemble import ensemble, ensemble_key  # noqa: E402
-from src.stage import run_stage  # noqa: E402
+from nucleic.ensemble import ensemble, ensemble_key
+from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,9 @@
 #!/usr/bin/env python
 """Stage 10: E. coli promoter classification, stratified 5-fold CV; metrics, OOF, attention motifs."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.dna_tasks import promoter, promoter_key  # noqa: E402
-from src.stage import run_stage  # noqa: E402
+from nucleic.dna_tasks import promoter, promoter_key
+from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:

@@ -6,11 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import isolated, load_kernel
-from src.classify import (balanced_pos_weight, encode_sequences, epoch_indices, inverse_sqrt_schedule,
-                          kmer_frequencies, mutate)
-from src.models.classifiers import DanQ, NTClassifier, NucleotideCNN
+
+from nucleic.classify import balanced_pos_weight, encode_sequences, epoch_indices, inverse_sqrt_schedule, kmer_frequencies, mutate
+from nucleic.models.classifiers import DanQ, NTClassifier, NucleotideCNN
 
 
 @pytest.mark.parametrize("length", [81, 300, 164])
@@ -140,7 +139,7 @@ def test_smoke_mirna_stage_reports_paper_protocol_and_cv(prepared_inputs):
 
 
 def test_cached_fold_results_are_reused_only_under_the_same_settings(tmp_path):
-    from src.dna_tasks import task_work_dir
+    from nucleic.dna_tasks import task_work_dir
 
     folder = tmp_path / "viral"
     key = {"viral": {"epochs": 4}, "seed": 1}

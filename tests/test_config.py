@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from src.config import ConfigError, available_presets, load_config, resolve_data_dir
+from nucleic.config import ConfigError, available_presets, load_config, resolve_data_dir
 
 
 def test_presets_exist_and_cpu_is_default():

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import matthews_corrcoef, roc_auc_score
 
-from src.dna_data import read_mirna, read_promoter, read_viral
-from src.metrics import binary_classification_metrics
-from src.stage import InputError
+from nucleic.dna_data import read_mirna, read_promoter, read_viral
+from nucleic.metrics import binary_classification_metrics
+from nucleic.stage import InputError
 
 
 def test_real_files(data_dir):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from src.data import TARGETS
-from src.ensemble import apply_weights, fit_weights, oof_scores
+from nucleic.data import TARGETS
+from nucleic.ensemble import apply_weights, fit_weights, oof_scores
 
 
 def test_blend_beats_each_member_and_ignores_a_useless_one():
@@ -28,7 +28,7 @@ def test_blend_beats_each_member_and_ignores_a_useless_one():
 
 
 def test_nested_blend_scores_each_fold_with_weights_from_the_others():
-    from src.ensemble import nested_blend
+    from nucleic.ensemble import nested_blend
 
     rng = np.random.default_rng(2)
     ids = [f"r{i // 10}_{i % 10}" for i in range(600)]

@@ -10,11 +10,11 @@ import time
 
 import numpy as np
 import pandas as pd
-
 from conftest import REPO, isolated, load_kernel
-from src.config import load_config
-from src.io_utils import read_npz
-from src.structures import StructureStore, sequence_key
+
+from nucleic.config import load_config
+from nucleic.io_utils import read_npz
+from nucleic.structures import StructureStore, sequence_key
 
 prepare = load_kernel("00_prepare_input")
 

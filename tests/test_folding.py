@@ -8,11 +8,11 @@ import types
 import numpy as np
 import pytest
 
-from src.config import load_config
-from src.features import covalent_distance_features, pair_features
-from src.folding import FoldingError, active_sources, make_source
-from src.loop_types import pair_table
-from src.structures import prediction_slots
+from nucleic.config import load_config
+from nucleic.features import covalent_distance_features, pair_features
+from nucleic.folding import FoldingError, active_sources, make_source
+from nucleic.loop_types import pair_table
+from nucleic.structures import prediction_slots
 
 FOLD_CFG = load_config("smoke").fold
 
@@ -118,10 +118,9 @@ def test_covalent_distance_features():
 
 
 FRESH_PROCESS_FOLD = """
-import sys, json
-sys.path.insert(0, {repo!r})
-from src.config import load_config
-from src.folding import make_source
+import json
+from nucleic.config import load_config
+from nucleic.folding import make_source
 pred = make_source({source!r}, load_config("smoke").fold).fold([{sequence!r}], 50.0)[0]
 print(json.dumps([float(pred.bpp.sum()), pred.structure]))
 """
@@ -133,12 +132,11 @@ def test_vienna_energy_sets_do_not_leak_between_sources(sequences):
     import json
     import subprocess
 
-    from conftest import REPO
 
     vienna = [s for s in active_sources(FOLD_CFG) if s.startswith("vienna")]
     in_process = {s: make_source(s, FOLD_CFG).fold(sequences[1:2], 50.0)[0] for s in vienna}
     for source in vienna:
-        code = FRESH_PROCESS_FOLD.format(repo=str(REPO), source=source, sequence=sequences[1])
+        code = FRESH_PROCESS_FOLD.format(source=source, sequence=sequences[1])
         total, structure = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
                                                      text=True, check=True).stdout)
         assert in_process[source].structure == structure, source

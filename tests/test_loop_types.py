@@ -4,9 +4,9 @@ from __future__ import annotations
 import collections
 
 import pytest
-
 from conftest import read_rows
-from src.loop_types import loop_types, pair_table
+
+from nucleic.loop_types import loop_types, pair_table
 
 
 @pytest.mark.parametrize("structure, expected", [

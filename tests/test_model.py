@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from src.config import load_config
-from src.losses import error_weighted_mse, error_weights
-from src.metrics import mcrmse
-from src.models.nucleic_transformer import NTConfig, NucleicTransformer
-from src.train import build_model, flat_then_cosine, make_optimizer
+from nucleic.config import load_config
+from nucleic.losses import error_weighted_mse, error_weights
+from nucleic.metrics import mcrmse
+from nucleic.models.nucleic_transformer import NTConfig, NucleicTransformer
+from nucleic.train import build_model, flat_then_cosine, make_optimizer
 
 
 def random_inputs(batch: int, length: int):

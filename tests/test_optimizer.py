@@ -8,8 +8,8 @@ import io
 import torch
 from ranger_adabelief import RangerAdaBelief
 
-from src.config import Config
-from src.train import Ranger, make_optimizer
+from nucleic.config import Config
+from nucleic.train import Ranger, make_optimizer
 
 
 def regression_task(seed: int = 0):

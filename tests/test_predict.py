@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
 from conftest import isolated, load_kernel
-from src.predict import main
+
+from nucleic.predict import main
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import zipfile
 
 import pandas as pd
 import pytest
-
 from conftest import REPO, isolated, load_kernel, run_script, write_json_lines
 
 kernel = load_kernel("00_prepare_input")

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, isolated, load_kernel
-from src.features import NULL_TOKEN
-from src.pretrain import PretrainModel, corrupt, reconstruction_loss
-from src.train import build_model
-from src.config import load_config
+
+from nucleic.config import load_config
+from nucleic.features import NULL_TOKEN
+from nucleic.pretrain import PretrainModel, corrupt, reconstruction_loss
+from nucleic.train import build_model
 
 
 def tokens(shape=(64, 500), vocab=4, seed=0):

@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import isolated, run_script
-from src.config import load_config
-from src.structures import StructureStore
-from src.submission import expected_ids
+
+from nucleic.config import load_config
+from nucleic.structures import StructureStore
 
 STAGES = ("00_prepare_input", "01_fold_structures", "02_pretrain", "03_train_folds", "04_pseudo_label",
           "05_semi_supervised", "06_predict", "07_ensemble", "10_promoter", "11_viral", "12_mirna")
@@ -60,7 +59,7 @@ def test_smoke_pipeline_runs_every_stage(smoke_run):
 def test_pseudo_labels_are_per_fold_teacher_moments(smoke_run):
     """Fold f's labels = mean and spread over the fold-f models of every depth x 12 structures, over the
     first 91 positions of every test row; nothing from another fold's model."""
-    from src.semi_supervised import combine_teachers
+    from nucleic.semi_supervised import combine_teachers
 
     workspace, _ = smoke_run
     test = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
@@ -83,7 +82,7 @@ def test_pseudo_labels_are_per_fold_teacher_moments(smoke_run):
 
 
 def test_semi_supervised_model_has_oof_cv_and_submission(smoke_run):
-    from src.semi_supervised import pseudo_labels_hash
+    from nucleic.semi_supervised import pseudo_labels_hash
 
     workspace, _ = smoke_run
     oof = pd.read_csv(workspace / "oof" / "nt_semi.csv")

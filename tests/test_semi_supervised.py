@@ -7,12 +7,12 @@ import json
 import numpy as np
 import torch
 
-from src.config import load_config, with_settings
-from src.dataset import RNATensors, length_batches
-from src.losses import error_weights
-from src.openvaccine import _claim_model_dir, model_dir
-from src.semi_supervised import combine_teachers, with_pseudo_labels
-from src.train import epoch_rows
+from nucleic.config import load_config, with_settings
+from nucleic.dataset import RNATensors, length_batches
+from nucleic.losses import error_weights
+from nucleic.openvaccine import _claim_model_dir, model_dir
+from nucleic.semi_supervised import combine_teachers, with_pseudo_labels
+from nucleic.train import epoch_rows
 
 
 def test_teacher_moments_combine_into_the_spread_of_every_sample():

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.data import TARGETS
-from src.submission import SubmissionError, check_submission, expected_ids, main
+from nucleic.data import TARGETS
+from nucleic.submission import SubmissionError, check_submission, expected_ids, main
 
 TEST = pd.DataFrame({"id": ["id_a", "id_b"], "seq_length": [3, 4]})
 

@@ -1,6 +1,6 @@
 """Kaggle submission files: writing and checking. Run as a checker:
 
-    python -m src.submission submissions/nt.csv [--test input/openvaccine/test.json]
+    python -m nucleic.submission submissions/nt.csv [--test input/openvaccine/test.json]
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Predict new sequences with trained weights, for every task.
 
-    python -m src.predict openvaccine --input new.fasta --output degradation.csv [--preset cpu]
-    python -m src.predict promoter    --input seqs.csv  --output promoter_probs.csv [--weights fold0.pt ...]
+    python -m nucleic.predict openvaccine --input new.fasta --output degradation.csv [--preset cpu]
+    python -m nucleic.predict promoter    --input seqs.csv  --output promoter_probs.csv [--weights fold0.pt ...]
 
 Input: FASTA, or CSV with a `sequence` column (and `id` or `name`). OpenVaccine: RNA (ACGU, T read as
 U) up to 500 nt, folded on the fly with the preset's 12 structure predictions; the output has one row

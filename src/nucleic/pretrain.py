@@ -24,8 +24,17 @@ from .io_utils import read_pickle, write_json
 from .models.nucleic_transformer import NucleicTransformer
 from .stage import InputError, artifact_meta
 from .structures import StructureStore
-from .train import (_epoch_seed, _save, autocast, build_model, configure_threads, flat_then_cosine,
-                    make_optimizer, optimizer_step, resolve_device)
+from .train import (
+    _epoch_seed,
+    _save,
+    autocast,
+    build_model,
+    configure_threads,
+    flat_then_cosine,
+    make_optimizer,
+    optimizer_step,
+    resolve_device,
+)
 
 STREAMS = (("sequence", SEQUENCE_TOKENS), ("structure", STRUCTURE_TOKENS), ("loop", LOOP_TOKENS))
 

@@ -86,7 +86,7 @@ def _read_aligned(path: Path, ids: pd.Index | list[str]) -> pd.DataFrame:
 def ensemble_key(cfg: Config) -> dict:
     paths = Paths(cfg)
     members = blend_members(paths)
-    stamp = lambda p: [p.stat().st_size, p.stat().st_mtime_ns]  # noqa: E731
+    stamp = lambda p: [p.stat().st_size, p.stat().st_mtime_ns]
     return {"members": {m: [stamp(paths.oof / f"{m}.csv"), stamp(paths.submissions / f"{m}.csv")] for m in members}}
 
 

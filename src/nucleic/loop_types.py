@@ -45,7 +45,7 @@ def loop_types(structure: str, exterior_between_helices: str = "X") -> str:
     branches = np.zeros(n, dtype=np.int64)  # helices directly inside pair opened at p
     top_level_helices = 0
     stack: list[int] = []
-    for i, ch in enumerate(structure):
+    for i in range(n):
         if nested[i] and partner[i] > i:
             if stack:
                 branches[stack[-1]] += 1

@@ -18,8 +18,14 @@ def mcrmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def binary_classification_metrics(y_true, y_prob, threshold: float = 0.5) -> dict:
     """Accuracy, MCC, sensitivity, specificity, F1, AUC-ROC and PR-AUC (scikit-learn's definitions)."""
-    from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, f1_score,
-                                 matthews_corrcoef, roc_auc_score)
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        confusion_matrix,
+        f1_score,
+        matthews_corrcoef,
+        roc_auc_score,
+    )
 
     y_true = np.asarray(y_true).astype(int)
     y_prob = np.asarray(y_prob, dtype=np.float64)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .config import Config, ConfigError, Paths, config_hash, git_commit, parse_stage_args
 from .io_utils import write_json

@@ -6,12 +6,11 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

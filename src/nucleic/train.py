@@ -22,7 +22,6 @@ from .metrics import mcrmse
 from .models.nucleic_transformer import NTConfig, NucleicTransformer
 
 
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

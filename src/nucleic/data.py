@@ -1,6 +1,7 @@
 """OpenVaccine ingest: locate the Kaggle files, validate every row, build a normalized table."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -37,7 +38,7 @@ def locate_openvaccine(data_dir: Path) -> dict[str, tuple[Path, str | None]]:
     for folder in (data_dir / "openvaccine", data_dir / KAGGLE_NAME, data_dir):
         if (folder / "train.json").exists() or (folder / "test.json").exists():
             found = {s: (folder / f"{s}.json", None) for s in SPLITS}
-            for split, (path, _) in found.items():
+            for path, _ in found.values():
                 if not path.exists():
                     raise InputError(path, "file not found (train.json and test.json must sit together)")
             return found
@@ -89,13 +90,17 @@ def parse_json_lines(raw: bytes, file: str) -> list[dict]:
     return records
 
 
+def _field_error(file: str, row: str, field: str, problem: str) -> InputError:
+    return InputError(file, problem, row=row, field=field)
+
+
 def validate_records(records: list[dict], file: str, split: str) -> None:
     required = TRAIN_FIELDS if split == "train" else COMMON_FIELDS
     seen_ids: dict[str, int] = {}
     for record in records:
         row = record["_row"]
         label = f"{row} (id {record.get('id', '?')})"
-        fail = lambda field, problem: InputError(file, problem, row=label, field=field)  # noqa: E731
+        fail = functools.partial(_field_error, file, label)
         for field in required:
             if field not in record:
                 raise fail(field, "required column is missing")

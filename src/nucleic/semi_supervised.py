@@ -20,9 +20,19 @@ import numpy as np
 from .config import Config, Paths, with_settings
 from .dataset import RNATensors, load_rna_tensors
 from .io_utils import read_pickle, write_csv, write_json, write_pickle
-from .openvaccine import (_claim_model_dir, fold_indices, fold_test_moments, initial_weights, load_training_data,
-                          model_dir, predict_test, read_prepared, train_folds, training_settings,
-                          write_training_outputs)
+from .openvaccine import (
+    _claim_model_dir,
+    fold_indices,
+    fold_test_moments,
+    initial_weights,
+    load_training_data,
+    model_dir,
+    predict_test,
+    read_prepared,
+    train_folds,
+    training_settings,
+    write_training_outputs,
+)
 from .stage import InputError, artifact_meta
 from .structures import StructureStore
 from .submission import predictions_frame

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/, input/, work/ (editable install)
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_PRESET = "cpu"
 
@@ -143,7 +143,7 @@ class Paths:
     """Where every stage reads and writes; relative config paths are under the repository root."""
 
     def __init__(self, cfg: Config):
-        root = lambda p: (REPO_ROOT / p).resolve()  # noqa: E731  (absolute paths stay absolute)
+        root = lambda p: (REPO_ROOT / p).resolve()  # absolute paths stay absolute
         self.input = root(cfg.paths.input)
         self.work = root(cfg.paths.work)
         self.run = self.work / cfg.preset  # per-preset caches and checkpoints

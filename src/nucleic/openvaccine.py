@@ -19,8 +19,7 @@ from .metrics import columnwise_rmse
 from .stage import InputError, artifact_meta
 from .structures import StructureStore
 from .submission import check_submission, predictions_frame
-from .train import (build_model, configure_threads, final_model_path, predict, resolve_device,
-                    score_rows, train_fold)
+from .train import build_model, configure_threads, final_model_path, predict, resolve_device, score_rows, train_fold
 
 
 def read_prepared(cfg: Config, split: str) -> pd.DataFrame:

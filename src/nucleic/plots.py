@@ -6,10 +6,10 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from .io_utils import atomic_path
 
-from .io_utils import atomic_path  # noqa: E402
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
 
 def save_figure(fig, path: str | Path) -> None:
