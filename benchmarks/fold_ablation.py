@@ -16,9 +16,10 @@ import json
 import time
 
 from nucleic.config import Paths, load_config, with_settings
+from nucleic.engine import configure_threads, resolve_device
 from nucleic.io_utils import read_pickle, write_json
 from nucleic.openvaccine import _claim_model_dir, fold_indices, initial_weights, load_training_data, model_dir
-from nucleic.train import configure_threads, resolve_device, score_rows, train_fold
+from nucleic.train import score_rows, train_fold
 
 
 def main() -> None:

@@ -23,11 +23,12 @@ import numpy as np
 
 from nucleic.config import Paths, load_config, with_settings
 from nucleic.dataset import load_rna_tensors
+from nucleic.engine import configure_threads, resolve_device
 from nucleic.io_utils import read_pickle, write_json, write_pickle
 from nucleic.openvaccine import _claim_model_dir, load_training_data, model_dir, read_prepared
 from nucleic.semi_supervised import fold_pseudo_labels, pseudo_label_path, semi_model, semi_stamp, semi_supervised_fold
 from nucleic.structures import StructureStore
-from nucleic.train import configure_threads, resolve_device, score_rows
+from nucleic.train import score_rows
 
 VARIANTS = {
     "a": {"semi.phase1_pseudo": True, "semi.phase2_pseudo_ratio": 0.0},

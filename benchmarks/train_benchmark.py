@@ -14,8 +14,9 @@ import time
 import torch
 
 from nucleic.config import load_config
+from nucleic.engine import autocast, make_optimizer, native_bf16, use_bf16
 from nucleic.losses import error_weighted_mse
-from nucleic.train import autocast, build_model, make_optimizer, native_bf16, use_bf16
+from nucleic.train import build_model
 
 N_STRUCTURES = 12
 

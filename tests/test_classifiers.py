@@ -139,13 +139,13 @@ def test_smoke_mirna_stage_reports_paper_protocol_and_cv(prepared_inputs):
 
 
 def test_cached_fold_results_are_reused_only_under_the_same_settings(tmp_path):
-    from nucleic.dna_tasks import task_work_dir
+    from nucleic.stage import claim_work_dir
 
     folder = tmp_path / "viral"
     key = {"viral": {"epochs": 4}, "seed": 1}
-    (task_work_dir(folder, key, force=False) / "experiment_nt.pkl").write_text("trained")
-    assert (task_work_dir(folder, key, force=False) / "experiment_nt.pkl").exists(), "same settings: resumed"
+    (claim_work_dir(folder, key, force=False) / "experiment_nt.pkl").write_text("trained")
+    assert (claim_work_dir(folder, key, force=False) / "experiment_nt.pkl").exists(), "same settings: resumed"
     changed = {"viral": {"epochs": 30}, "seed": 1}
-    assert not (task_work_dir(folder, changed, force=False) / "experiment_nt.pkl").exists(), "new settings: afresh"
+    assert not (claim_work_dir(folder, changed, force=False) / "experiment_nt.pkl").exists(), "new settings: afresh"
     (folder / "experiment_nt.pkl").write_text("trained")
-    assert not (task_work_dir(folder, changed, force=True) / "experiment_nt.pkl").exists(), "--force: afresh"
+    assert not (claim_work_dir(folder, changed, force=True) / "experiment_nt.pkl").exists(), "--force: afresh"

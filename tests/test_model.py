@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from nucleic.config import load_config
+from nucleic.engine import flat_then_cosine, make_optimizer
 from nucleic.losses import error_weighted_mse, error_weights
 from nucleic.metrics import mcrmse
 from nucleic.models.nucleic_transformer import NTConfig, NucleicTransformer
-from nucleic.train import build_model, flat_then_cosine, make_optimizer
+from nucleic.train import build_model
 
 
 def random_inputs(batch: int, length: int):

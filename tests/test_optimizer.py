@@ -9,7 +9,7 @@ import torch
 from ranger_adabelief import RangerAdaBelief
 
 from nucleic.config import Config
-from nucleic.train import Ranger, make_optimizer
+from nucleic.engine import Ranger, make_optimizer
 
 
 def regression_task(seed: int = 0):

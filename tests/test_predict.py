@@ -1,6 +1,7 @@
 """The predict command: round trips on a tiny FASTA for OpenVaccine and a classifier; bad records."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import isolated, load_kernel
@@ -10,11 +11,11 @@ from nucleic.predict import main
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
-    """Smoke OpenVaccine model (2 folds x 1 epoch) and smoke promoter classifiers."""
+    """Smoke OpenVaccine model (2 folds x 1 epoch) with its stage-06 submission, and smoke promoter classifiers."""
     workspace = tmp_path_factory.mktemp("predict")
     args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace), "--set", "train.threads=1",
             "--set", "train.folds=2", "--set", "train.epochs=1"]
-    for stage in ("00_prepare_input", "01_fold_structures", "03_train_folds", "10_promoter"):
+    for stage in ("00_prepare_input", "01_fold_structures", "03_train_folds", "06_predict", "10_promoter"):
         assert load_kernel(stage).main(args) == 0, stage
     return workspace, args
 
@@ -35,6 +36,19 @@ def test_openvaccine_round_trip_any_length(trained, tmp_path, test_rows, capsys)
     assert len(frame) == 107 + 43 + 19
     assert frame.id_seqpos.iloc[0] == "public_0" and frame.id_seqpos.iloc[-1] == "dna_letters_18"
     assert list(frame.columns[1:]) == ["reactivity", "deg_Mg_pH10", "deg_pH10", "deg_Mg_50C", "deg_50C"]
+
+
+def test_openvaccine_prediction_equals_stage_06_for_a_test_id(trained, tmp_path):
+    workspace, args = trained
+    test = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
+    row = test.iloc[-1]
+    out = tmp_path / "out.csv"
+    assert main(["openvaccine", "--input", str(fasta(tmp_path / "in.fa", [(row.id, row.sequence)])),
+                 "--output", str(out), *args[:2], *args[4:]]) == 0
+    ours = pd.read_csv(out).set_index("id_seqpos")
+    stage06 = pd.read_csv(workspace / "submissions" / "nt.csv").set_index("id_seqpos").loc[ours.index]
+    assert len(ours) == len(row.sequence)
+    np.testing.assert_allclose(ours.to_numpy(), stage06.to_numpy(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("records, message", [

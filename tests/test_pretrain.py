@@ -72,15 +72,19 @@ def test_smoke_pretraining_then_training_starts_from_it(data_dir, tmp_path):
     assert load_kernel("01_fold_structures").main(args) == 0
     assert load_kernel("02_pretrain").main(args) == 0
     history = json.loads((workspace / "work" / "smoke" / "pretrain" / "nt" / "history.json").read_text())["history"]
-    assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
+    assert len(history) == 3 and history[-1]["train_loss"] < history[0]["train_loss"]
     encoder = torch.load(workspace / "work" / "smoke" / "pretrain" / "nt.pt", weights_only=False)["model"]
     assert set(encoder) == set(build_model(load_config("smoke").model).state_dict())
-    result = subprocess.run([sys.executable, str(REPO / "kernels" / "03_train_folds.py"), *args[:2], *args[4:]],
-                            cwd=REPO, capture_output=True, text=True)
+    # with 0 epochs, each fold's model is exactly where stage 03 starts: the pretrained encoder
+    result = subprocess.run([sys.executable, str(REPO / "kernels" / "03_train_folds.py"), *args[:2], *args[4:],
+                             "--set", "train.epochs=0"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    settings = json.loads((workspace / "work" / "smoke" / "models" / "nt" / "settings.json").read_text())
-    assert settings["pretrain"]["epochs"] == 3
+    models = workspace / "work" / "smoke" / "models" / "nt"
+    assert json.loads((models / "settings.json").read_text())["pretrain"]["epochs"] == 3
+    for fold in range(3):
+        start = torch.load(models / f"fold{fold}" / "model.pt", weights_only=True)["model"]
+        assert all(torch.equal(start[k], encoder[k]) for k in encoder), f"fold {fold} did not start from stage 02"
     shutil.rmtree(workspace / "work" / "smoke" / "pretrain")
     again = subprocess.run([sys.executable, str(REPO / "kernels" / "03_train_folds.py"), *args[:2], *args[4:],
-                            "--force"], cwd=REPO, capture_output=True, text=True)
+                            "--set", "train.epochs=0", "--force"], cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 2 and "run stage 02 (pretrain) first" in again.stderr

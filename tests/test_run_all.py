@@ -48,6 +48,9 @@ def test_smoke_pipeline_runs_every_stage(smoke_run):
         manifest = json.loads((workspace / "work" / "smoke" / "manifests" / f"{stage}.json").read_text())
         assert manifest["preset"] == "smoke" and manifest["git_commit"] and manifest["config"]["fold"]
         assert (workspace / "logs" / f"{stage}.log").exists()
+    for stage in ("03_train_folds", "06_predict"):  # stage 04's other depth model, through the runner
+        manifest = json.loads((workspace / "work" / "smoke" / "manifests" / f"{stage}.nt_k1.json").read_text())
+        assert manifest["config"]["model"]["nlayer"] == 1 and manifest["outputs"]
     train = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "train.pkl")
     test = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
     sequences = list(train.sequence) + list(test.sequence)

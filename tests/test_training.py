@@ -72,7 +72,7 @@ def test_training_lowers_the_loss_and_writes_oof(trained_workspace):
 def test_fold_model_is_the_average_of_its_best_epochs(trained_workspace):
     """smoke: average_top_k 2. top/ keeps the 2 best validated epochs; model.pt is their mean when that
     validates better than the best epoch alone, else best.pt's weights."""
-    from nucleic.train import average_weights
+    from nucleic.engine import average_weights
 
     for fold in range(3):
         fold_dir = trained_workspace / "work" / "smoke" / "models" / "nt" / f"fold{fold}"
@@ -175,7 +175,7 @@ def test_ensemble_blends_models_and_never_loses_to_the_best(predicted_workspace,
 
 def test_bf16_setting_follows_the_device(monkeypatch):
     """train.bf16 = auto turns autocast on only where bf16 is native: emulated bf16 is ~10x slower than fp32."""
-    from nucleic.train import autocast, use_bf16
+    from nucleic.engine import autocast, use_bf16
 
     cpu = torch.device("cpu")
     for native in (True, False):

@@ -1,14 +1,14 @@
 """One training loop for the sequence classifiers (NT, DanQ, nucleotide CNN) and the k-mer random forest."""
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .dna_data import DNA_ALPHABET
+from .engine import Trainer, eq11_peak_lr, make_adam, seed_torch, warmup_inverse_sqrt
 from .features import tokenize
 from .models.classifiers import DanQ, NTClassifier, NucleotideCNN
 
@@ -57,14 +57,6 @@ def balanced_pos_weight(labels: torch.Tensor, setting) -> float:
     return (len(labels) - positives) / max(positives, 1.0)
 
 
-def inverse_sqrt_schedule(d_model: int, warmup: int, scale: float):
-    """Learning rate of eq. 11: scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)."""
-    def lr(step: int) -> float:
-        step = max(step, 1)
-        return scale * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
-    return lr
-
-
 def build_classifier(kind: str, settings, length: int) -> torch.nn.Module:
     settings = dict(settings)
     if kind == "nt":
@@ -78,53 +70,54 @@ def build_classifier(kind: str, settings, length: int) -> torch.nn.Module:
 
 def fit_classifier(kind: str, model_settings, tc, tokens: torch.Tensor, labels: np.ndarray,
                    val_tokens: torch.Tensor, val_labels: np.ndarray, seed: int, device: torch.device,
-                   desc: str = "train", select_best: bool = False):
-    """Train for tc.epochs; returns the model and a per-epoch history (train loss, held-out AUC and loss).
-    select_best=True returns the weights of the epoch with the best validation AUC (only for a
-    validation set that is not the test set); otherwise the final weights.
+                   run_dir: Path, desc: str = "train", select_best: bool = False):
+    """Train for tc.epochs through the engine (resumable from run_dir/last.pt); returns the model and a
+    per-epoch history (train loss, held-out AUC and accuracy). select_best=True returns the weights of
+    the epoch with the best validation AUC (only for a validation set that is not the test set);
+    otherwise the final weights.
 
-    NT: Adam (0.9, 0.99, 1e-8, weight decay 1e-5) with the warm-up + inverse-square-root schedule.
-    DanQ and CNN: the same Adam at a constant tc.baseline_lr. Against class imbalance, positives are
-    weighted by tc.pos_weight ("balanced": negatives / positives among an epoch's rows), and with
+    NT: Adam (0.9, 0.99, 1e-8, weight decay 1e-5) with the warm-up + inverse-square-root schedule of
+    eq. 11. DanQ and CNN: the same Adam at a constant tc.baseline_lr. Against class imbalance, positives
+    are weighted by tc.pos_weight ("balanced": negatives / positives among an epoch's rows), and with
     tc.negatives_per_positive set each epoch undersamples the negatives (epoch_indices).
     """
     from .metrics import binary_classification_metrics
 
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
     model = build_classifier(kind, model_settings, tokens.shape[1]).to(device)
-    lr = tc.baseline_lr if kind != "nt" else 1.0
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=1e-5)
-    schedule = (inverse_sqrt_schedule(model_settings["d_model"], tc.warmup_steps, tc.lr_scale)
-                if kind == "nt" else (lambda step: 1.0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step + 1))
+    if kind == "nt":
+        optimizer = make_adam(model, eq11_peak_lr(model_settings["d_model"], tc.warmup_steps, tc.lr_scale))
+        scheduler = warmup_inverse_sqrt(optimizer, tc.warmup_steps)
+    else:
+        optimizer = make_adam(model, tc.baseline_lr)
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    trainer = Trainer(model, optimizer, scheduler, run_dir, tc.epochs, device, seed=seed, name=desc,
+                      select="val_auc" if select_best else None, higher_is_better=True)
     labels_t = torch.as_tensor(labels, dtype=torch.float32)
-    history, best_auc, best_state = [], -1.0, None
-    for epoch in range(tc.epochs):
-        start = time.time()
-        model.train()
+    generator = torch.Generator()
+    epoch = {}
+
+    def epoch_batches(rng):
+        generator.manual_seed(int(rng.integers(2**31)))  # rows and mutations
+        seed_torch(rng)  # dropout
         order = epoch_indices(labels_t, tc.negatives_per_positive, generator)
-        pos_weight = torch.tensor(balanced_pos_weight(labels_t[order], tc.pos_weight), device=device)
-        losses = []
-        for batch in tqdm(order.split(tc.batch_size), desc=f"{desc} epoch {epoch + 1}/{tc.epochs}", leave=False):
-            x = mutate(tokens[batch], tc.nmute, generator).to(device)
-            logits = model(x)
-            loss = F.binary_cross_entropy_with_logits(logits, labels_t[batch].to(device), pos_weight=pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        probs = predict_proba(model, val_tokens, device, tc.batch_size * 4)
-        scores = binary_classification_metrics(val_labels, probs)
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_auc": scores["auc"],
-                        "val_accuracy": scores["accuracy"], "seconds": round(time.time() - start, 2)})
-        if select_best and scores["auc"] > best_auc:
-            best_auc = scores["auc"]
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return model, history
+        epoch["pos_weight"] = torch.tensor(balanced_pos_weight(labels_t[order], tc.pos_weight), device=device)
+        return order.split(tc.batch_size)
+
+    def batch_loss(batch, rng):
+        logits = model(mutate(tokens[batch], tc.nmute, generator).to(device))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels_t[batch].to(device),
+                                                  pos_weight=epoch["pos_weight"])
+
+    def evaluate(done: int) -> dict:
+        scores = binary_classification_metrics(val_labels, predict_proba(model, val_tokens, device, tc.batch_size * 4))
+        return {"val_auc": scores["auc"], "val_accuracy": scores["accuracy"]}
+
+    trainer.fit(epoch_batches, batch_loss, evaluate,
+                describe=lambda s: f"val AUC {s['val_auc']:.4f} accuracy {s['val_accuracy']:.4f}")
+    weights, _ = trainer.final_weights()
+    model.load_state_dict(weights)
+    return model, trainer.state["history"]
 
 
 def save_classifier(path, kind: str, settings, length: int, model: torch.nn.Module) -> None:

@@ -52,6 +52,9 @@ def _read_yaml(path: Path) -> dict:
         return yaml.safe_load(f) or {}
 
 
+# By hand rather than OmegaConf: the merge with unknown-key errors and the KEY=VALUE parser are 25 lines,
+# and every stage hashes, JSON-dumps and dict()-copies config sections, which OmegaConf's DictConfig
+# would turn into to_container calls everywhere; a dict subclass keeps them plain.
 def _merge(base: dict, update: dict, where: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .config import Config, Paths
-from .features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS
+from .features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS, check_letters
 from .io_utils import copy_file, write_bytes, write_json, write_pickle
 from .loop_types import pair_table
 from .stage import InputError, artifact_meta
@@ -132,9 +132,10 @@ def _validate_strings(record, fail):
             raise fail(field, "must be a string")
         if len(text) != length:
             raise fail(field, f"length {len(text)} != seq_length {length}")
-        bad = next((i for i, ch in enumerate(text) if ch not in alphabet), None)
-        if bad is not None:
-            raise fail(field, f"character {text[bad]!r} at position {bad} is not one of '{alphabet}'")
+        try:
+            check_letters(text, alphabet)
+        except ValueError as err:
+            raise fail(field, str(err)) from None
     try:
         pair_table(record["structure"])
     except ValueError as err:

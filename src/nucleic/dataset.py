@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS, covalent_distance_features, tokenize
+from .features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS, pair_features, tokenize
 from .structures import StructureStore, sequence_key
 
 
@@ -80,14 +80,12 @@ def collate(data: RNATensors, indices: np.ndarray, slots: np.ndarray, device: to
 
     channels_last lays the (B, 4, L, L) pair features out for faster 2-D convolutions on CPU.
     """
-    length = len(data.sequence[indices[0]])
-    bpp = torch.from_numpy(np.stack([data.bpp[i][s] for i, s in zip(indices, slots)]).astype(np.float32))
-    distance = torch.from_numpy(covalent_distance_features(length).copy()).expand(len(indices), -1, -1, -1)
+    bpp = np.stack([data.bpp[i][s] for i, s in zip(indices, slots)])
     batch = {
         "sequence": torch.from_numpy(np.stack([data.sequence[i] for i in indices])),
         "structure": torch.from_numpy(np.stack([data.structure[i][s] for i, s in zip(indices, slots)])),
         "loop": torch.from_numpy(np.stack([data.loop[i][s] for i, s in zip(indices, slots)])),
-        "pair_features": torch.cat([bpp[:, None], distance], dim=1),
+        "pair_features": torch.from_numpy(pair_features(bpp)),
     }
     if with_labels:
         batch["targets"] = torch.from_numpy(np.stack([data.targets[i] for i in indices]))

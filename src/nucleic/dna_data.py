@@ -7,20 +7,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from .features import clean_sequence
 from .stage import InputError
 
 DNA_ALPHABET = "ACGT"
 
 
-def _clean_sequence(raw: str, file, row, field: str, extra: str = "") -> str:
-    sequence = raw.strip().upper().replace("U", "T")
-    if not sequence:
-        raise InputError(file, "empty sequence", row=row, field=field)
-    bad = next((i for i, ch in enumerate(sequence) if ch not in DNA_ALPHABET), None)
-    if bad is not None:
-        raise InputError(file, f"character {raw.strip()[bad]!r} at position {bad} is not one of "
-                         f"'ACGT'{extra}", row=row, field=field)
-    return sequence
+def _clean_sequence(raw: str, file, row, field: str) -> str:
+    try:
+        return clean_sequence(raw, DNA_ALPHABET)
+    except ValueError as err:
+        raise InputError(file, str(err), row=row, field=field) from None
 
 
 def _rows(path: Path, n_columns: int, header: list[str] | None):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +11,12 @@ import pandas as pd
 import torch
 
 from .classify import encode_sequences, fit_classifier, predict_proba, save_classifier
-from .config import Config, Paths, config_hash
+from .config import Config, Paths
 from .dna_data import read_mirna, read_promoter, read_viral
-from .io_utils import atomic_path, read_pickle, write_csv, write_json, write_pickle
+from .engine import configure_threads, resolve_device
+from .io_utils import read_pickle, write_csv, write_json, write_pickle
 from .metrics import binary_classification_metrics
-from .stage import artifact_meta
-from .train import configure_threads, resolve_device
+from .stage import artifact_meta, claim_work_dir
 
 SUMMARY_METRICS = ("accuracy", "mcc", "sensitivity", "specificity", "f1", "auc", "pr_auc")
 
@@ -46,7 +45,7 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
         if not cache.exists():
             model, history = fit_classifier(task_cfg.model, task_cfg[task_cfg.model], task_cfg, tokens[train_idx],
                                             labels[train_idx], tokens[val_idx], labels[val_idx],
-                                            cfg.seed + fold, device, desc=f"fold {fold}")
+                                            cfg.seed + fold, device, run_dir=work / f"fold{fold}", desc=f"fold {fold}")
             probs = predict_proba(model, tokens[val_idx], device, 256)
             found = (attention_motifs(model, tokens[val_idx], labels[val_idx], probs, frame.sequence.iloc[val_idx])
                      if task_cfg.model == "nt" else {})
@@ -80,18 +79,6 @@ def attention_motifs(model, tokens: torch.Tensor, labels: np.ndarray, probs: np.
     return counts
 
 
-def task_work_dir(folder: Path, key: dict, force: bool) -> Path:
-    """The stage's cache of per-fold results and weights, stamped with the stage key: a run with other
-    settings (or --force) starts it afresh instead of reusing results trained under the old ones."""
-    stamp, wanted = folder / "key_hash.txt", config_hash(key)
-    if folder.exists() and (force or not stamp.exists() or stamp.read_text().strip() != wanted):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(stamp) as tmp:
-        tmp.write_text(wanted + "\n")
-    return folder
-
-
 def task_input(cfg: Config, task: str) -> Path:
     """A classification task's raw folder: <data dir>/<task> when the data folder (--data-dir,
     $NT_DATA_DIR) holds it, else input/<task> (copied there by stage 00), so stages 10-12 run alone."""
@@ -112,7 +99,7 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     configure_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     frame = stratified_subset(read_promoter(task_input(cfg, "promoter") / "v9d3.csv"), pc.max_rows, cfg.seed)
-    work = task_work_dir(paths.run / "promoter" / pc.model, promoter_key(cfg), force)
+    work = claim_work_dir(paths.run / "promoter" / pc.model, promoter_key(cfg), force)
     result = run_cv(cfg, pc, frame, work, device)
     oof = paths.oof / "promoter_oof.csv"
     write_csv(oof, pd.DataFrame({"id": frame.id, "label": frame.label, "probability": result["probabilities"],
@@ -155,7 +142,8 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
             watch = test_idx if val_idx is None else val_idx
             model, history = fit_classifier(kind, task_cfg[kind], task_cfg, tokens[train_idx], labels[train_idx],
                                             tokens[watch], labels[watch], cfg.seed, device,
-                                            desc=f"{cache.stem}", select_best=val_idx is not None)
+                                            run_dir=cache.with_suffix(""), desc=cache.stem,
+                                            select_best=val_idx is not None)
             probs = predict_proba(model, tokens[test_idx], device, 256)
             save_classifier(cache.with_suffix(".pt"), kind, task_cfg[kind], tokens.shape[1], model)
         write_pickle(cache, {"probs": probs, "history": history})
@@ -214,7 +202,7 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     protocols = {"experiment": (*_split(others, labels, vc.validation_fraction, cfg.seed), held_out)}
     train_val, random_test = _split(everything, labels, vc.test_fraction, cfg.seed)
     protocols["random_split"] = (*_split(train_val, labels, vc.validation_fraction, cfg.seed), random_test)
-    work = task_work_dir(paths.run / "viral", viral_key(cfg), force)
+    work = claim_work_dir(paths.run / "viral", viral_key(cfg), force)
     results = {(p, kind): fit_and_score(cfg, vc, kind, frame, *idx, work / f"{p}_{kind}.pkl", device)
                for p, idx in protocols.items() for kind in vc.models}
     report = {f"{p}/{kind}": {m: r["metrics"][m] for m in ("auc", "pr_auc", "accuracy", "mcc")} |
@@ -254,7 +242,7 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     frame = stratified_subset(read_mirna(task_input(cfg, "mirna")), mc.max_rows, cfg.seed)
     labels = frame.label.to_numpy()
     train_idx, test_idx = _split(np.arange(len(frame)), labels, 0.3, cfg.seed)
-    work = task_work_dir(paths.run / "mirna", mirna_key(cfg), force)
+    work = claim_work_dir(paths.run / "mirna", mirna_key(cfg), force)
     rows, figures = {}, []
     for kind in mc.models:
         # The paper protocol has no validation set: train for mirna.epochs, score once on the 30 %.

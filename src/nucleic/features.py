@@ -12,6 +12,26 @@ LOOP_TOKENS = "SHBIMXE"
 NULL_TOKEN = 0
 
 
+def check_letters(text: str, alphabet: str, as_given: str | None = None) -> None:
+    """The one sequence validator (ingest, classification readers, predict command, tokenize): raises
+    ValueError naming the first letter of `text` outside `alphabet` and its position, quoted from
+    `as_given` (the user's text before normalizing) when given."""
+    bad = next((i for i, ch in enumerate(text) if ch not in alphabet), None)
+    if bad is not None:
+        raise ValueError(f"character {(as_given or text)[bad]!r} at position {bad} is not one of '{alphabet}'")
+
+
+def clean_sequence(raw: str, alphabet: str) -> str:
+    """A user's sequence as the models read it: stripped, upper case, U and T written as the alphabet
+    has them; ValueError when empty or when a letter is foreign (position counted after stripping)."""
+    sequence = raw.strip().upper()
+    sequence = sequence.replace("U", "T") if "T" in alphabet else sequence.replace("T", "U")
+    if not sequence:
+        raise ValueError("empty sequence")
+    check_letters(sequence, alphabet, as_given=raw.strip())
+    return sequence
+
+
 def tokenize(text: str, alphabet: str) -> np.ndarray:
     """Letters to token ids 1..len(alphabet); raises ValueError naming the first foreign letter."""
     table = np.zeros(256, dtype=np.int64)
@@ -19,8 +39,7 @@ def tokenize(text: str, alphabet: str) -> np.ndarray:
     codes = np.frombuffer(text.encode(), dtype=np.uint8)
     tokens = table[codes]
     if (tokens == 0).any():
-        position = int(np.argmax(tokens == 0))
-        raise ValueError(f"character {text[position]!r} at position {position} is not one of '{alphabet}'")
+        check_letters(text, alphabet)
     return tokens
 
 
@@ -39,6 +58,9 @@ def covalent_distance_features(length: int) -> np.ndarray:
 
 
 def pair_features(bpp: np.ndarray) -> np.ndarray:
-    """(4, L, L) float32: the base-pairing probabilities stacked on the distance features (M in eq. 10)."""
+    """(..., 4, L, L) float32: base-pairing probabilities (..., L, L) stacked on the distance features
+    (M in eq. 10); a batch of matrices gives a batch of feature stacks."""
     bpp = np.asarray(bpp, dtype=np.float32)
-    return np.concatenate([bpp[None], covalent_distance_features(bpp.shape[-1])])
+    distance = covalent_distance_features(bpp.shape[-1])
+    distance = np.broadcast_to(distance, (*bpp.shape[:-2], *distance.shape))
+    return np.concatenate([bpp[..., None, :, :], distance], axis=-3)

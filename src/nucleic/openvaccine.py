@@ -3,7 +3,6 @@ prediction into a Kaggle submission (stage 06)."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -11,15 +10,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import Config, Paths, config_hash
+from .config import Config, Paths
 from .data import SCORED_COLUMNS, TARGETS
 from .dataset import load_rna_tensors
+from .engine import configure_threads, resolve_device
 from .io_utils import read_pickle, write_csv, write_json, write_pickle
 from .metrics import columnwise_rmse
-from .stage import InputError, artifact_meta
+from .stage import InputError, artifact_meta, claim_work_dir
 from .structures import StructureStore
 from .submission import check_submission, predictions_frame
-from .train import build_model, configure_threads, final_model_path, predict, resolve_device, score_rows, train_fold
+from .train import build_model, final_model_path, predict, score_rows, train_fold
 
 
 def read_prepared(cfg: Config, split: str) -> pd.DataFrame:
@@ -75,17 +75,7 @@ def initial_weights(cfg: Config) -> Path | None:
 def _claim_model_dir(cfg: Config, force: bool, extra: dict | None = None) -> Path:
     """The model's checkpoint folder. Checkpoints made under other settings (training settings plus
     `extra`, e.g. semi.* and the pseudo-labels' hash) are removed: the model retrains from scratch."""
-    folder = model_dir(cfg)
-    stamp = folder / "settings.json"
-    settings = {**training_settings(cfg), **(extra or {})}
-    wanted = config_hash(settings)
-    if stamp.exists() and not force and json.loads(stamp.read_text())["hash"] != wanted:
-        print(f"{folder}: trained with other settings; retraining from scratch", flush=True)
-        force = True
-    if force and folder.exists():
-        shutil.rmtree(folder)
-    write_json(stamp, {"hash": wanted, **settings})
-    return folder
+    return claim_work_dir(model_dir(cfg), {**training_settings(cfg), **(extra or {})}, force)
 
 
 def train_key(cfg: Config) -> dict:

@@ -100,7 +100,7 @@ def plot_attention(path, model, data, index: int, device) -> None:
 
 def plot_pretraining(path, model_name: str, history: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker=".")
+    ax.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], marker=".")
     ax.set(title=f"{model_name}: pretraining reconstruction loss (sequence + structure + loop CE)",
            xlabel="epoch", ylabel="cross-entropy")
     save_figure(fig, path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pandas as pd
 import torch
 
 from .config import ConfigError, Paths, load_config
+from .features import clean_sequence
 from .stage import InputError
 
 MAX_RNA_LENGTH = 500
@@ -33,67 +35,49 @@ def read_records(path: Path) -> list[tuple[str, str]]:
         raise InputError(path, "file not found")
     text = path.read_text()
     if text.lstrip().startswith(">"):
-        records, name, chunks = [], None, []
-        for line in text.splitlines():
-            if line.startswith(">"):
-                if name is not None:
-                    records.append((name, "".join(chunks)))
-                name, chunks = line[1:].strip() or f"record{len(records) + 1}", []
-            elif line.strip():
-                chunks.append(line.strip())
-        records.append((name, "".join(chunks)))
-        return records
+        from Bio import SeqIO
+
+        return [(record.id or f"record{n}", str(record.seq))
+                for n, record in enumerate(SeqIO.parse(io.StringIO(text), "fasta"), 1)]
     rows = list(csv.DictReader(text.splitlines()))
     if not rows or "sequence" not in rows[0]:
         raise InputError(path, "expected FASTA (>id lines) or CSV with a 'sequence' column")
     return [(row.get("id") or row.get("name") or f"row{n}", row["sequence"] or "") for n, row in enumerate(rows, 2)]
 
 
-def clean_records(records, path: Path, alphabet: str, swap: tuple[str, str], max_length: int) -> list[tuple[str, str]]:
+def clean_records(records, path: Path, alphabet: str, max_length: int) -> list[tuple[str, str]]:
     cleaned = []
     for name, raw in records:
-        sequence = raw.strip().upper().replace(*swap)
-        if not sequence:
-            raise InputError(path, "empty sequence", record=name)
+        try:
+            sequence = clean_sequence(raw, alphabet)
+        except ValueError as err:
+            raise InputError(path, str(err), record=name) from None
         if len(sequence) > max_length:
             raise InputError(path, f"{len(sequence)} nt is longer than the {max_length} nt this model takes",
-                             record=name)
-        bad = next((i for i, ch in enumerate(sequence) if ch not in alphabet), None)
-        if bad is not None:
-            raise InputError(path, f"character {raw.strip()[bad]!r} at position {bad} is not one of '{alphabet}'",
                              record=name)
         cleaned.append((name, sequence))
     return cleaned
 
 
 def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFrame:
-    from .dataset import RNATensors
-    from .features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS, tokenize
-    from .folding import make_source
-    from .loop_types import loop_types
-    from .structures import prediction_slots
+    from .dataset import load_rna_tensors
+    from .structures import StructureStore
     from .submission import predictions_frame
     from .train import build_model, predict
 
     sequences = [s for _, s in records]
-    slots = prediction_slots(cfg.fold)
-    folded = [make_source(slot.source, cfg.fold).fold(sequences, slot.temperature) for slot in slots]
-    minimum = cfg.fold.bpp_min
-    data = RNATensors(
-        ids=[name for name, _ in records],
-        sequence=[tokenize(s, SEQUENCE_TOKENS) for s in sequences],
-        structure=[np.stack([tokenize(f[i].structure, STRUCTURE_TOKENS) for f in folded]) for i in range(len(records))],
-        loop=[np.stack([tokenize(loop_types(f[i].structure), LOOP_TOKENS) for f in folded]) for i in range(len(records))],
-        bpp=[np.stack([np.where(f[i].bpp >= minimum, f[i].bpp, 0).astype(np.float16) for f in folded])
-             for i in range(len(records))],
-        seq_scored=np.array([len(s) for s in sequences]))
+    # The preset's 12 structure predictions, through the same store as stage 01 (cached for next time)
+    store = StructureStore(Paths(cfg).structures, cfg.fold)
+    store.fold_all(sequences, meta={"stage": "predict"}, n_jobs=cfg.fold.n_jobs)
+    data = load_rna_tensors(pd.DataFrame({"id": [name for name, _ in records], "sequence": sequences,
+                                          "seq_scored": [len(s) for s in sequences]}), store)
     everything = np.arange(len(records))
     per_model = []
     for path in weights:
         model = build_model(cfg.model).to(device)
         model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
         per_model.append(predict(model, data, everything, device, cfg.train.eval_batch_size, cfg.train.bf16,
-                                 desc=path.parent.name))
+                                 cfg.train.channels_last, desc=path.parent.name))
     mean = [np.mean([p[i] for p in per_model], axis=0) for i in everything]
     return predictions_frame(data.ids, mean, [len(s) for s in sequences])
 
@@ -104,7 +88,7 @@ def predict_classifier(records, weights: list[Path], path: Path, device) -> pd.D
 
     models = [load_classifier(w, device) for w in weights]
     length = models[0][1]
-    cleaned = clean_records(records, path, DNA_ALPHABET, ("U", "T"), length)
+    cleaned = clean_records(records, path, DNA_ALPHABET, length)
     tokens = encode_sequences([s for _, s in cleaned], length)
     probability = np.mean([predict_proba(model, tokens, device, 256) for model, _ in models], axis=0)
     return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": probability})
@@ -143,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
+        from .engine import resolve_device
         from .features import SEQUENCE_TOKENS
         from .io_utils import write_csv
-        from .train import resolve_device
 
         cfg = load_config(args.preset, args.overrides)
         device = resolve_device(cfg.train.device)
@@ -153,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         records = read_records(path)
         weights = [Path(w) for w in args.weights] if args.weights else default_weights(cfg, args.task)
         if args.task == "openvaccine":
-            cleaned = clean_records(records, path, SEQUENCE_TOKENS, ("T", "U"), MAX_RNA_LENGTH)
+            cleaned = clean_records(records, path, SEQUENCE_TOKENS, MAX_RNA_LENGTH)
             frame = predict_openvaccine(cfg, cleaned, weights, device)
         else:
             frame = predict_classifier(records, weights, path, device)

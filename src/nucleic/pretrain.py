@@ -7,7 +7,6 @@ at every position. Stage 03 starts from the encoder weights when `pretrain.enabl
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,26 +14,24 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import Config, Paths
 from .dataset import RNATensors, collate, length_batches, load_rna_tensors
+from .engine import (
+    Trainer,
+    configure_threads,
+    flat_then_cosine,
+    make_optimizer,
+    resolve_device,
+    save_checkpoint,
+    seed_torch,
+)
 from .features import LOOP_TOKENS, NULL_TOKEN, SEQUENCE_TOKENS, STRUCTURE_TOKENS
 from .io_utils import read_pickle, write_json
 from .models.nucleic_transformer import NucleicTransformer
 from .stage import InputError, artifact_meta
 from .structures import StructureStore
-from .train import (
-    _epoch_seed,
-    _save,
-    autocast,
-    build_model,
-    configure_threads,
-    flat_then_cosine,
-    make_optimizer,
-    optimizer_step,
-    resolve_device,
-)
+from .train import build_model
 
 STREAMS = (("sequence", SEQUENCE_TOKENS), ("structure", STRUCTURE_TOKENS), ("loop", LOOP_TOKENS))
 
@@ -124,17 +121,18 @@ def run_pretraining(cfg: Config, force: bool = False) -> tuple[list[Path], dict]
     history = pretrain_loop(cfg, data, work_dir, device)
     output = pretrain_checkpoint(cfg)
     encoder = torch.load(work_dir / "last.pt", map_location="cpu", weights_only=False)["model"]
-    _save(output, {"model": {k.removeprefix("model."): v for k, v in encoder.items() if k.startswith("model.")},
+    save_checkpoint(output, {"model": {k.removeprefix("model."): v for k, v in encoder.items() if k.startswith("model.")},
                    "settings": pretrain_settings(cfg)})
     figure = paths.figures / f"{cfg.model.name}_pretraining.png"
     plot_pretraining(figure, cfg.model.name, history)
     history_json = work_dir / "history.json"
     write_json(history_json, {"history": history, **artifact_meta(cfg)})
-    return [output, figure, history_json], {"sequences": len(sequences), "final_loss": round(history[-1]["loss"], 4)}
+    return [output, figure, history_json], {"sequences": len(sequences),
+                                            "final_loss": round(history[-1]["train_loss"], 4)}
 
 
 def pretrain_loop(cfg: Config, data: RNATensors, work_dir: Path, device: torch.device) -> list[dict]:
-    """Resumable epoch loop; each epoch's randomness comes from (seed, epoch)."""
+    """Resumable pretraining through the engine; each epoch's randomness comes from (seed, epoch)."""
     pc, tc = cfg.pretrain, cfg.train
     torch.manual_seed(cfg.seed)
     model = PretrainModel(build_model(cfg.model)).to(device)
@@ -142,36 +140,23 @@ def pretrain_loop(cfg: Config, data: RNATensors, work_dir: Path, device: torch.d
     everything = np.arange(len(data))
     steps = len(length_batches(data.lengths, everything, pc.batch_size))
     scheduler = flat_then_cosine(optimizer, pc.epochs * steps, pc.flat_fraction)
-    history, first_epoch = [], 0
-    last = work_dir / "last.pt"
-    if last.exists():
-        checkpoint = torch.load(last, map_location=device, weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        history, first_epoch = checkpoint["history"], len(checkpoint["history"])
-    for epoch in range(first_epoch, pc.epochs):
-        start = time.time()
-        rng = np.random.default_rng(_epoch_seed(cfg.seed, -1, epoch))
-        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        torch.manual_seed(int(rng.integers(2**31)))
-        model.train()
-        losses = []
-        batches = length_batches(data.lengths, everything, pc.batch_size, rng)
-        for step, batch in enumerate(tqdm(batches, desc=f"pretrain epoch {epoch + 1}/{pc.epochs}", leave=False)):
-            slots = rng.integers(0, data.n_slots, size=len(batch))
-            inputs = collate(data, batch, slots, device, channels_last=tc.channels_last)
-            truth = {name: inputs[name] for name, _ in STREAMS}
-            mode = "mask" if step % 2 == 0 else "mutate"
-            for name, vocab in STREAMS:
-                inputs[name] = corrupt(truth[name].cpu(), len(vocab), pc.corrupt_rate, mode, generator).to(device)
-            with autocast(device, tc.bf16):
-                loss = reconstruction_loss(model(**inputs), truth)
-            optimizer_step(model, optimizer, scheduler, loss, tc.grad_clip)
-            losses.append(loss.item())
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - start, 2)})
-        _save(last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "history": history})
-        print(f"pretrain epoch {epoch + 1}: reconstruction loss {history[-1]['loss']:.4f} "
-              f"{history[-1]['seconds']:.1f}s", flush=True)
-    return history
+    trainer = Trainer(model, optimizer, scheduler, work_dir, pc.epochs, device, seed=cfg.seed, stream=-1,
+                      bf16=tc.bf16, grad_clip=tc.grad_clip, name="pretrain")
+    generator = torch.Generator()
+
+    def epoch_batches(rng):
+        generator.manual_seed(int(rng.integers(2**31)))  # corruption
+        seed_torch(rng)  # dropout
+        return list(enumerate(length_batches(data.lengths, everything, pc.batch_size, rng)))
+
+    def batch_loss(step_batch, rng):
+        step, batch = step_batch
+        slots = rng.integers(0, data.n_slots, size=len(batch))
+        inputs = collate(data, batch, slots, device, channels_last=tc.channels_last)
+        truth = {name: inputs[name] for name, _ in STREAMS}
+        mode = "mask" if step % 2 == 0 else "mutate"  # half the batches masked, half mutated
+        for name, vocab in STREAMS:
+            inputs[name] = corrupt(truth[name].cpu(), len(vocab), pc.corrupt_rate, mode, generator).to(device)
+        return reconstruction_loss(model(**inputs), truth)
+
+    return trainer.fit(epoch_batches, batch_loss)["history"]

@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import Config, Paths, with_settings
 from .dataset import RNATensors, load_rna_tensors
+from .engine import configure_threads, resolve_device
 from .io_utils import read_pickle, write_csv, write_json, write_pickle
 from .openvaccine import (
     _claim_model_dir,
@@ -27,16 +28,18 @@ from .openvaccine import (
     initial_weights,
     load_training_data,
     model_dir,
+    predict_key,
     predict_test,
     read_prepared,
     train_folds,
+    train_key,
     training_settings,
     write_training_outputs,
 )
-from .stage import InputError, artifact_meta
+from .stage import InputError, artifact_meta, ensure_stage
 from .structures import StructureStore
 from .submission import predictions_frame
-from .train import configure_threads, final_model_path, resolve_device, train_fold
+from .train import final_model_path, train_fold
 
 
 def depth_models(cfg: Config) -> list[Config]:
@@ -45,6 +48,11 @@ def depth_models(cfg: Config) -> list[Config]:
                                   "model.name": cfg.model.name if depth == cfg.model.nlayer
                                   else f"{cfg.model.name}_k{depth}"})
             for depth in cfg.pseudo.depths]
+
+
+def model_stage(cfg: Config, model_cfg: Config, stage: str) -> str:
+    """Manifest name of `stage`'s work for a depth model: the stage itself for the preset's own model."""
+    return stage if model_cfg.model.name == cfg.model.name else f"{stage}.{model_cfg.model.name}"
 
 
 def pseudo_label_path(cfg: Config, fold: int) -> Path:
@@ -85,7 +93,7 @@ def pseudo_label(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     if not models:
         return [], {"skipped": "pseudo.depths is empty"}
     for model_cfg in models:
-        train_folds(model_cfg, force=False)  # resumes; a finished model is only read back
+        ensure_stage(model_cfg, model_stage(cfg, model_cfg, "03_train_folds"), train_key, train_folds)
     configure_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     frame = read_prepared(cfg, "test")
@@ -95,8 +103,9 @@ def pseudo_label(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
         labels = fold_pseudo_labels(cfg, fold, test, device, force)
         write_pickle(pseudo_label_path(cfg, fold), labels)
         per_fold.append(labels)
-    for model_cfg in models:  # every depth also joins the blend (stage 07) with its own submission
-        predict_test(model_cfg, force=False)
+    for model_cfg in models:  # every other depth also joins the blend (stage 07) with its own submission
+        if model_cfg.model.name != cfg.model.name:  # (the preset's own model: stage 06)
+            ensure_stage(model_cfg, model_stage(cfg, model_cfg, "06_predict"), predict_key, predict_test)
     paths = Paths(cfg)
     overall = [np.mean([f[i][0] for f in per_fold], axis=0) for i in range(len(test))]
     csv = paths.oof / "pseudo_labels.csv"

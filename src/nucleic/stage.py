@@ -1,12 +1,17 @@
 """What every numbered kernel shares: argument parsing, skip-if-complete, manifests, clean errors."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .config import Config, ConfigError, Paths, config_hash, git_commit, parse_stage_args
+from .config import Config, ConfigError, Paths, config_hash, git_commit, load_config, parse_stage_args
 from .io_utils import write_json
 
 
@@ -34,8 +39,6 @@ def artifact_meta(cfg: Config) -> dict:
 
 
 def is_complete(cfg: Config, stage: str, key: dict) -> bool:
-    import json
-
     path = manifest_path(cfg, stage)
     if not path.exists():
         return False
@@ -53,6 +56,69 @@ def write_manifest(cfg: Config, stage: str, key: dict, outputs: list, elapsed_s:
     })
 
 
+def ensure_stage(cfg: Config, name: str, key_fn: Callable[[Config], dict],
+                 run_fn: Callable[[Config, bool], tuple[list, dict]]) -> None:
+    """Another stage's work that this stage needs (e.g. stage 04's depth models: stage 03 and 06 for
+    another model), through the runner: skipped when its manifest `name` is complete, else run and
+    recorded under that name, so every artifact has a manifest."""
+    key = key_fn(cfg)
+    if is_complete(cfg, name, key):
+        return
+    start = time.time()
+    outputs, summary = run_fn(cfg, False)
+    write_manifest(cfg, name, key, outputs, time.time() - start, summary)
+
+
+def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
+    """The one stale-result rule for a folder of resumable work (checkpoints, per-fold results): work
+    stamped with other settings, or --force, is removed (and said so) and redone from scratch; work
+    stamped with the same settings resumes. Never reused silently under changed settings."""
+    stamp, wanted = folder / "settings.json", config_hash(settings)
+    found = json.loads(stamp.read_text()).get("hash") if stamp.exists() else None
+    if folder.exists() and any(folder.iterdir()) and (force or found != wanted):
+        reason = "--force" if force else ("trained with other settings" if found else "not stamped")
+        print(f"{folder}: {reason}; retraining from scratch", flush=True)
+        shutil.rmtree(folder)
+    write_json(stamp, {"hash": wanted, **settings})
+    return folder
+
+
+def lock_path(cfg: Config) -> Path:
+    return Paths(cfg).run / "run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(cfg: Config) -> Iterator[None]:
+    """One run at a time per work folder: an exclusive flock on work/<preset>/run.lock. run_all.sh takes it
+    for the whole run and names it in $NT_RUN_LOCK, so its own stages go on under it."""
+    path = lock_path(cfg)
+    if os.environ.get("NT_RUN_LOCK") == str(path):
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunLocked(f"{path}: another run is using this work folder ({holder}); "
+                            "wait for it to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+
+
+class RunLocked(Exception):
+    pass
+
+
 def run_stage(stage: str, description: str, key_fn: Callable[[Config], dict],
               run_fn: Callable[[Config, bool], tuple[list, dict]], argv: list[str] | None = None) -> int:
     """Parse args, skip when outputs are complete, run, record a manifest. Returns an exit code.
@@ -63,16 +129,40 @@ def run_stage(stage: str, description: str, key_fn: Callable[[Config], dict],
     git_commit()  # the code this stage runs, before anyone edits the tree
     try:
         cfg, args = parse_stage_args(description, argv)
-        key = key_fn(cfg)
-        if not args.force and is_complete(cfg, stage, key):
-            print(f"[{stage}] outputs complete for preset '{cfg.preset}': skipped (--force to redo)")
-            return 0
-        start = time.time()
-        outputs, summary = run_fn(cfg, args.force)
-        elapsed = time.time() - start
-        write_manifest(cfg, stage, key, outputs, elapsed, summary)
+        with run_lock(cfg):
+            key = key_fn(cfg)
+            if not args.force and is_complete(cfg, stage, key):
+                print(f"[{stage}] outputs complete for preset '{cfg.preset}': skipped (--force to redo)")
+                return 0
+            start = time.time()
+            outputs, summary = run_fn(cfg, args.force)
+            elapsed = time.time() - start
+            write_manifest(cfg, stage, key, outputs, elapsed, summary)
         print(f"[{stage}] done in {elapsed:.1f} s: {summary}")
         return 0
-    except (InputError, ConfigError) as err:
+    except (InputError, ConfigError, RunLocked) as err:
         print(f"ERROR [{stage}] {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nucleic.stage lock-path [stage options]`: where run_all.sh takes the run lock."""
+    from .config import stage_argparser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "lock-path":
+        print("usage: python -m nucleic.stage lock-path [--preset P] [--set K=V]...", file=sys.stderr)
+        return 2
+    parser = stage_argparser("print the run lock's path")
+    try:
+        args = parser.parse_args(argv[1:])
+        cfg = load_config(args.preset, args.overrides, args.data_dir)
+    except ConfigError as err:
+        print(f"ERROR {err}", file=sys.stderr)
+        return 2
+    print(lock_path(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

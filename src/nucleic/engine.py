@@ -1,0 +1,314 @@
+"""The one training engine. Every model of the repository (the supervised and semi-supervised Nucleic
+Transformer, its pretraining, the three sequence classifiers) trains through `Trainer.fit`, which owns
+the epoch loop, resume from last.pt, per-epoch seeding, autocast, gradient clipping and checkpoint
+selection; a caller brings its model, its batches and its batch -> loss function.
+
+    trainer = Trainer(model, make_ranger(model, cfg.train), scheduler, run_dir, epochs=30, device=device,
+                      seed=cfg.seed, stream=fold, select="mcrmse_scored")
+    trainer.fit(epoch_batches=lambda rng: batches, batch_loss=lambda batch, rng: loss, evaluate=score)
+    weights, chosen = trainer.final_weights(score)
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from ranger_adabelief import RangerAdaBelief
+from tqdm.auto import tqdm
+
+from .io_utils import atomic_path
+
+# ---------------------------------------------------------------------------------------------- device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def configure_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device computes in bfloat16 natively; elsewhere bf16 is emulated and about 10x slower
+    than fp32 (measured on an AVX2-only CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def use_bf16(device: torch.device, bf16: bool | str) -> bool:
+    """A bf16 setting: true, false, or "auto" (on where the device has native bf16)."""
+    if bf16 == "auto":
+        return native_bf16(device)
+    if isinstance(bf16, bool):
+        return bf16
+    raise ValueError(f"bf16 must be true, false or auto, not {bf16!r}")
+
+
+def autocast(device: torch.device, bf16: bool | str):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, bf16) else nullcontext()
+
+
+# ------------------------------------------------------------------------------- optimizers, schedules
+
+
+class Ranger(RangerAdaBelief):
+    """Ranger (RAdam + Lookahead + gradient centralization, paper 2.3.1) with decoupled weight decay
+    applied to the weights, p <- p * (1 - lr * wd), before each step.
+
+    Why not the library's own weight_decay: in ranger-adabelief 0.1.0, during RAdam's first ~5 steps
+    `G_grad` is `exp_avg` itself, so `G_grad.add_(p, alpha=wd)` writes wd * p into the momentum
+    buffer; from step ~6 that buffer is divided by a tiny second-moment root, which shrinks every
+    weight of a warm-started model. The library therefore always gets weight_decay=0.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, adabelief: bool = False):
+        with contextlib.redirect_stdout(io.StringIO()):  # the library prints a banner per instance
+            super().__init__(params, lr=lr, weight_decay=0.0, use_gc=True, adabelief=adabelief)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = weight_decay
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            shrink = 1.0 - group["lr"] * group["decoupled_weight_decay"]
+            if shrink != 1.0:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.mul_(shrink)
+        return super().step(closure)
+
+
+def make_optimizer(model: torch.nn.Module, section) -> Ranger:
+    """Ranger from a config section with lr, weight_decay and adabelief (true: RangerAdaBelief)."""
+    return Ranger(model.parameters(), lr=section.lr, weight_decay=section.weight_decay,
+                  adabelief=bool(section.adabelief))
+
+
+# The classifiers' Adam, as the NT paper trained them (2.3.5).
+CLASSIFIER_ADAM = {"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 1e-5}
+
+
+def make_adam(model: torch.nn.Module, lr: float) -> torch.optim.Adam:
+    return torch.optim.Adam(model.parameters(), lr=lr, **CLASSIFIER_ADAM)
+
+
+# Both schedules are torch's LambdaLR with a closed-form factor. Why not SequentialLR(ConstantLR,
+# CosineAnnealingLR): CosineAnnealingLR steps by a recursive formula that drifts from the closed form
+# (up to 6e-7 at lr 1e-3 over 1,000 steps), which would change every trained model's bytes.
+
+def flat_then_cosine(optimizer, total_steps: int, flat_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Flat learning rate, then cosine annealing to 0 over the last (1 - flat_fraction) of the steps."""
+    flat_steps = int(total_steps * flat_fraction)
+
+    def factor(step: int) -> float:
+        if step < flat_steps:
+            return 1.0
+        progress = (step - flat_steps) / max(1, total_steps - flat_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_inverse_sqrt(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the optimizer's lr at `warmup_steps`, then lr * sqrt(warmup / step) (eq. 11 with
+    its peak, C * d_model^-0.5 * warmup^-0.5, as the optimizer's lr)."""
+    def factor(step: int) -> float:
+        step = step + 1
+        return min(step / warmup_steps, math.sqrt(warmup_steps / step))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def eq11_peak_lr(d_model: int, warmup_steps: int, scale: float) -> float:
+    """The largest learning rate of eq. 11, scale * d_model^-0.5 * warmup^-0.5 (reached at the warm-up's end)."""
+    return scale * d_model ** -0.5 * warmup_steps ** -0.5
+
+
+# --------------------------------------------------------------------------------------------- engine
+
+
+def epoch_seed(seed: int, stream: int, epoch: int) -> int:
+    """Each epoch of each run (stream: fold, or -1 for pretraining) draws from its own seed, so a run
+    resumed at an epoch boundary matches an uninterrupted one."""
+    return (seed * 1_000_003 + stream * 10_007 + epoch) % 2**31
+
+
+def seed_torch(rng: np.random.Generator) -> None:
+    """Seed torch's global generator (dropout) from the epoch's generator."""
+    torch.manual_seed(int(rng.integers(2**31)))
+
+
+def save_checkpoint(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def average_weights(paths: list[Path], device: torch.device) -> dict:
+    """Element-wise mean of the model weights stored in `paths` (integer buffers from the first)."""
+    states = [torch.load(p, map_location=device, weights_only=True)["model"] for p in paths]
+    averaged = {}
+    for key, first in states[0].items():
+        averaged[key] = (torch.stack([s[key].float() for s in states]).mean(dim=0).to(first.dtype)
+                         if first.is_floating_point() else first.clone())
+    return averaged
+
+
+class Trainer:
+    """Trains `model` for `epochs` epochs in `run_dir`: last.pt after every epoch (fit resumes from it),
+    best.pt whenever the `select` score of an evaluated epoch beats the best so far, and top/ copies of
+    the `top_k` best epochs (final_weights tries their average)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, run_dir: Path,
+                 epochs: int, device: torch.device, seed: int, stream: int = 0, bf16: bool | str = False,
+                 grad_clip: float | None = None, select: str | None = None, higher_is_better: bool = False,
+                 top_k: int = 0, name: str = "train"):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.run_dir, self.epochs, self.device = Path(run_dir), epochs, device
+        self.seed, self.stream, self.bf16, self.grad_clip = seed, stream, bf16, grad_clip
+        self.select, self.sign, self.top_k, self.name = select, (-1.0 if higher_is_better else 1.0), top_k or 0, name
+        # best_score and the top list hold sign * score, so lower is better either way
+        self.state = {"epoch": 0, "history": [], "best_score": float("inf"), "best_epoch": -1, "top": []}
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+    def epoch_rng(self, epoch: int) -> np.random.Generator:
+        return np.random.default_rng(epoch_seed(self.seed, self.stream, epoch))
+
+    def resume(self) -> bool:
+        """Load last.pt when there is one (model, optimizer, scheduler, history and checkpoint state)."""
+        if not self.last_path.exists():
+            return False
+        checkpoint = torch.load(self.last_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.state = checkpoint["state"]
+        print(f"{self.name}: resuming at epoch {self.state['epoch']} from {self.last_path}", flush=True)
+        return True
+
+    def fit(self, epoch_batches: Callable[[np.random.Generator], Iterable],
+            batch_loss: Callable[[object, np.random.Generator], torch.Tensor],
+            evaluate: Callable[[int], dict | None] | None = None, warm_start: bool = False,
+            describe: Callable[[dict], str] | None = None) -> dict:
+        """Run the remaining epochs; returns the state (history, best epoch and score, top epochs).
+
+        epoch_batches(rng): the epoch's batches, drawn from the epoch's generator (the caller also seeds
+        dropout from it, seed_torch, where its order of draws wants it). batch_loss(batch, rng): the
+        loss of one batch, computed under autocast. evaluate(done): scores after `done` epochs, or
+        None to skip validation then. warm_start: the starting weights are evaluated (done=0) and are
+        best.pt until an epoch beats them, so training never ends worse than where it started.
+        """
+        self.resume()
+        describe = describe or (lambda scores: " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if warm_start and evaluate is not None and not self.state["history"]:
+            self._evaluate_start(evaluate, describe)
+        for epoch in range(self.state["epoch"], self.epochs):
+            start = time.time()
+            rng = self.epoch_rng(epoch)
+            self.model.train()
+            batches = epoch_batches(rng)
+            loss = self._train_epoch(batches, batch_loss, rng, desc=f"{self.name} epoch {epoch + 1}/{self.epochs}")
+            scores = (evaluate(epoch + 1) if evaluate is not None else None) or {}
+            self.state["history"].append({"epoch": epoch + 1, "train_loss": loss, **scores,
+                                          "lr": self.scheduler.get_last_lr()[0],
+                                          "seconds": round(time.time() - start, 2)})
+            if scores and self.select:
+                self._keep(epoch + 1, scores[self.select])
+            self.state["epoch"] = epoch + 1
+            save_checkpoint(self.last_path, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                             "scheduler": self.scheduler.state_dict(), "state": self.state})
+            self._drop_stale_top()
+            text = describe(scores) if scores else ("not validated" if evaluate is not None else None)
+            parts = [f"{self.name} epoch {epoch + 1}: loss {loss:.4f}", text, f"{time.time() - start:.1f}s"]
+            print(" ".join(p for p in parts if p), flush=True)
+        return self.state
+
+    def final_weights(self, evaluate: Callable[[], dict] | None = None) -> tuple[dict, dict]:
+        """(weights, record): the average of the top_k best epochs when evaluate() scores it better than
+        best.pt alone, else best.pt, else (nothing selected) the current weights."""
+        state = self.state
+        record = {"best_epoch": state["best_epoch"], "averaged_epochs": None,
+                  "best_single_score": self.sign * state["best_score"] if self.select else None}
+        if not self.select or not self.best_path.exists():
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}, record
+        best = torch.load(self.best_path, map_location=self.device, weights_only=True)["model"]
+        top = sorted(state.get("top", []))
+        if len(top) < 2 or evaluate is None:
+            return best, record
+        averaged = average_weights([self._top_path(e) for _, e in top], self.device)
+        self.model.load_state_dict(averaged)
+        score = evaluate()[self.select]
+        record["averaged_score"] = score
+        best_score = self.sign * state["best_score"]
+        print(f"{self.name}: average of epochs {[e for _, e in top]}: {self.select} {score:.4f} "
+              f"(best single, epoch {state['best_epoch']}: {best_score:.4f})", flush=True)
+        if self.sign * score < state["best_score"]:
+            record["averaged_epochs"] = [e for _, e in top]
+            return averaged, record
+        return best, record
+
+    def _train_epoch(self, batches, batch_loss, rng, desc: str) -> float:
+        losses = []
+        for batch in tqdm(batches, desc=desc, leave=False):
+            with autocast(self.device, self.bf16):
+                loss = batch_loss(batch, rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            losses.append(loss.item())
+        return float(np.mean(losses))
+
+    def _evaluate_start(self, evaluate, describe) -> None:
+        start = time.time()
+        scores = evaluate(0)
+        self.state["history"].append({"epoch": 0, "train_loss": float("nan"), **scores, "lr": 0.0,
+                                      "seconds": round(time.time() - start, 2)})
+        if self.select:
+            self._keep(0, scores[self.select])
+        print(f"{self.name} start: {describe(scores)}", flush=True)
+
+    def _top_path(self, epoch: int) -> Path:
+        return self.run_dir / "top" / f"epoch{epoch}.pt"
+
+    def _keep(self, epoch: int, score: float) -> None:
+        """best.pt when `score` beats the best so far; a copy in top/ while it is among the top_k best
+        evaluated epochs (files of dropped epochs go after last.pt is saved)."""
+        state, ranked = self.state, self.sign * score
+        weights = {"model": self.model.state_dict(), "epoch": epoch, "score": score}
+        if ranked < state["best_score"]:
+            state["best_score"], state["best_epoch"] = ranked, epoch
+            save_checkpoint(self.best_path, weights)
+        if self.top_k >= 2:
+            top = sorted(state.get("top", []) + [[ranked, epoch]])[:self.top_k]
+            if [ranked, epoch] in top:
+                save_checkpoint(self._top_path(epoch), weights)
+            state["top"] = top
+
+    def _drop_stale_top(self) -> None:
+        kept = {self._top_path(e).name for _, e in self.state.get("top", [])}
+        for path in (self.run_dir / "top").glob("epoch*.pt"):
+            if path.name not in kept:
+                path.unlink()

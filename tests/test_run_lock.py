@@ -1,0 +1,43 @@
+"""One run at a time per work folder: a second run stops with one clear line and touches nothing."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import REPO, isolated, run_script
+
+from nucleic.config import load_config
+from nucleic.stage import lock_path, run_lock
+
+
+def test_a_second_run_on_the_same_work_folder_stops_with_a_clear_message(tmp_path):
+    sets = isolated(tmp_path / "ws")
+    cfg = load_config("smoke", [s for s in sets if s != "--set"])
+    kernel = [sys.executable, str(REPO / "kernels" / "07_ensemble.py"), "--preset", "smoke", *sets]
+    with run_lock(cfg):
+        alone = run_script(kernel)
+        assert alone.returncode == 2
+        assert f"{lock_path(cfg)}: another run is using this work folder (pid {os.getpid()}" in alone.stderr
+        assert len(alone.stderr.strip().splitlines()) == 1
+        whole = run_script(["bash", "run_all.sh", "--preset", "smoke", *sets])
+        assert whole.returncode == 2 and "another run is using" in whole.stderr
+        assert "==>" not in whole.stdout, "no stage started"
+    assert not list((tmp_path / "ws" / "work" / "smoke" / "manifests").glob("*.json"))
+    # once the first run is over, the same command runs (and fails only for want of stage 03's models)
+    after = run_script(kernel)
+    assert "another run" not in after.stderr
+
+
+def test_stages_of_one_run_all_go_on_under_its_lock(tmp_path):
+    """run_all.sh holds the lock and names it in $NT_RUN_LOCK; its own stages do not refuse themselves."""
+    sets = isolated(tmp_path / "ws")
+    cfg = load_config("smoke", [s for s in sets if s != "--set"])
+    path = lock_path(cfg)
+    path.parent.mkdir(parents=True)
+    with open(path, "a") as held:
+        import fcntl
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = subprocess.run([sys.executable, str(REPO / "kernels" / "07_ensemble.py"), "--preset", "smoke", *sets],
+                                cwd=REPO, capture_output=True, text=True, env={**os.environ, "NT_RUN_LOCK": str(path)})
+    assert "another run" not in result.stderr
