@@ -22,10 +22,40 @@ def test_preset_overrides_base_and_cli_overrides_preset():
     ("fold.bogus=1", "unknown config key 'fold.bogus'"),
     ("nonsense=1", "unknown config key 'nonsense'"),
     ("fold.n_jobs", "is not KEY=VALUE"),
+    ("train.epochs=abc", "config key 'train.epochs': expected an integer, got 'abc'"),
+    ("train.epochs=true", "config key 'train.epochs': expected an integer, got True"),
+    ("train.folds=1", "config key 'train.folds': must be at least 2, got 1"),
+    ("train.lr=fast", "config key 'train.lr': expected a number, got 'fast'"),
+    ("train.bf16=maybe", "config key 'train.bf16': expected true or false or auto, got 'maybe'"),
+    ("viral.pos_weight=x", "config key 'viral.pos_weight': expected a number or balanced, got 'x'"),
+    ("fold.temperatures=37", "config key 'fold.temperatures': expected a list, got 37"),
+    ("model=3", "config key 'model': expected a section of settings, got 3"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("smoke", overrides=[override])
+
+
+@pytest.mark.parametrize("override", ["train.bf16=auto", "viral.pos_weight=3", "data.max_train=null",
+                                      "train.lr=1", "train.grad_clip=null", "train.column_weights=[1, 1, 0.3, 1, 0.3]"])
+def test_values_of_every_accepted_kind_load(override):
+    load_config("smoke", overrides=[override])
+
+
+def test_a_bad_value_stops_the_stage_before_force_deletes_anything(tmp_path):
+    """--force with a bad value: one line naming the key, exit 2, and the model folder untouched."""
+    from conftest import REPO, isolated, run_script
+
+    sets = isolated(tmp_path / "ws")
+    models = tmp_path / "ws" / "work" / "smoke" / "models" / "nt" / "fold0"
+    models.mkdir(parents=True)
+    (models / "best.pt").write_bytes(b"trained weights")
+    result = run_script(["python3", str(REPO / "kernels" / "03_train_folds.py"), "--preset", "smoke", *sets,
+                         "--force", "--set", "train.epochs=abc"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("ERROR [03_train_folds] config key 'train.epochs': "
+                                     "expected an integer, got 'abc'")
+    assert (models / "best.pt").read_bytes() == b"trained weights"
 
 
 def test_unknown_preset_lists_the_available_ones():

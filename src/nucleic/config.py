@@ -79,14 +79,74 @@ def _parse_override(text: str) -> dict:
     return nested
 
 
+# Every value is checked against its default's type when the config loads, before any stage touches a
+# file. Keys whose default (null, or one of two kinds) does not tell the type say it here; "?" = or null.
+KINDS = {
+    "data.max_train": "int?", "data.max_test": "int?",
+    "train.grad_clip": "number?", "train.init_weights": "str?", "train.val_structures": "int?",
+    "train.column_weights": "list?", "train.bf16": "bool|auto",
+    "*.pos_weight": "number|balanced", "*.negatives_per_positive": "number?", "*.max_rows": "int?",
+}
+MINIMA = {"train.folds": 2, "train.epochs": 0, "train.batch_size": 1, "train.eval_batch_size": 1,
+          "train.eval_every": 1, "train.lr": 0, "pretrain.epochs": 0, "pretrain.batch_size": 1,
+          "model.nlayer": 1, "model.d_model": 1, "model.nhead": 1, "semi.pseudo_epochs": 0,
+          "semi.finetune_epochs": 0, "*.folds": 2, "*.epochs": 0, "*.batch_size": 1}
+KIND_NAMES = {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
+              "list": "a list", "auto": "auto", "balanced": "balanced", "dict": "a section"}
+
+
+def _kind_of(value) -> str | None:
+    for kind, types in (("bool", bool), ("int", int), ("number", float), ("str", str), ("list", list), ("dict", dict)):
+        if isinstance(value, types):
+            return kind
+    return None
+
+
+def _accepts(kind: str, value) -> bool:
+    if kind == "auto" or kind == "balanced":
+        return value == kind
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return _kind_of(value) == kind
+
+
+def _lookup(table: dict, name: str):
+    return table.get(name, table.get("*." + name.rsplit(".", 1)[-1]))
+
+
+def check_types(merged: dict, base: dict, where: str = "") -> None:
+    """ConfigError naming the first value whose type (or range) does not fit its key."""
+    for key, default in base.items():
+        name, value = f"{where}{key}", merged.get(key)
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{name}': expected a section of settings, got {value!r}")
+            check_types(value, default, f"{name}.")
+            continue
+        spec = _lookup(KINDS, name) or (_kind_of(default) if default is not None else None)
+        if spec is None:
+            continue
+        nullable, kinds = spec.endswith("?"), spec.rstrip("?").split("|")
+        if not (value is None and nullable) and not any(_accepts(k, value) for k in kinds):
+            expected = " or ".join(KIND_NAMES[k] for k in kinds) + (" or null" if nullable else "")
+            raise ConfigError(f"config key '{name}': expected {expected}, got {value!r}")
+        minimum = _lookup(MINIMA, name)
+        if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+            raise ConfigError(f"config key '{name}': must be at least {minimum}, got {value!r}")
+
+
 def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None,
                 data_dir: str | None = None) -> Config:
     path = CONFIG_DIR / f"{preset}.yaml"
     if not path.exists():
         raise ConfigError(f"unknown preset '{preset}' (available: {', '.join(available_presets())})")
-    merged = _merge(_read_yaml(CONFIG_DIR / "base.yaml"), _read_yaml(path))
+    base = _read_yaml(CONFIG_DIR / "base.yaml")
+    merged = _merge(base, _read_yaml(path))
     for text in overrides or []:
         merged = _merge(merged, _parse_override(text))
+    check_types(merged, base)
     merged["preset"] = preset
     merged["data_dir"] = str(resolve_data_dir(data_dir))
     return Config(merged)
