@@ -12,7 +12,8 @@ from nucleic.structures import fold_key, fold_structures
 
 
 def main(argv=None) -> int:
-    return run_stage("01_fold_structures", __doc__, fold_key, fold_structures, argv)
+    return run_stage("01_fold_structures", __doc__, fold_key, fold_structures, argv,
+                     upstream=("00_prepare_input",))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("02_pretrain", __doc__, pretrain_key, run_pretraining, argv)
+    return run_stage("02_pretrain", __doc__, pretrain_key, run_pretraining, argv,
+                     upstream=("00_prepare_input", "01_fold_structures"))
 
 
 if __name__ == "__main__":

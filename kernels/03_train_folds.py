@@ -7,7 +7,8 @@ from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("03_train_folds", __doc__, train_key, train_folds, argv)
+    return run_stage("03_train_folds", __doc__, train_key, train_folds, argv,
+                     upstream=("00_prepare_input", "01_fold_structures", "02_pretrain"))
 
 
 if __name__ == "__main__":

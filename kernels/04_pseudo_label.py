@@ -7,7 +7,8 @@ from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("04_pseudo_label", __doc__, pseudo_key, pseudo_label, argv)
+    return run_stage("04_pseudo_label", __doc__, pseudo_key, pseudo_label, argv,
+                     upstream=("03_train_folds",))
 
 
 if __name__ == "__main__":

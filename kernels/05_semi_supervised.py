@@ -7,7 +7,8 @@ from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("05_semi_supervised", __doc__, semi_key, semi_supervised, argv)
+    return run_stage("05_semi_supervised", __doc__, semi_key, semi_supervised, argv,
+                     upstream=("03_train_folds", "04_pseudo_label"))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("06_predict", __doc__, predict_key, predict_test, argv)
+    return run_stage("06_predict", __doc__, predict_key, predict_test, argv,
+                     upstream=("03_train_folds",))
 
 
 if __name__ == "__main__":

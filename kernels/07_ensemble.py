@@ -10,7 +10,8 @@ from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("07_ensemble", __doc__, ensemble_key, ensemble, argv)
+    return run_stage("07_ensemble", __doc__, ensemble_key, ensemble, argv,
+                     upstream=("03_train_folds", "05_semi_supervised", "06_predict"))
 
 
 if __name__ == "__main__":

@@ -119,18 +119,30 @@ class RunLocked(Exception):
     pass
 
 
+def upstream_key(cfg: Config, upstream: tuple[str, ...]) -> dict:
+    """The key hashes of the upstream stages' manifests (None where one has not run)."""
+    hashes = {}
+    for name in upstream:
+        path = manifest_path(cfg, name)
+        hashes[name] = json.loads(path.read_text()).get("key_hash") if path.exists() else None
+    return hashes
+
+
 def run_stage(stage: str, description: str, key_fn: Callable[[Config], dict],
-              run_fn: Callable[[Config, bool], tuple[list, dict]], argv: list[str] | None = None) -> int:
+              run_fn: Callable[[Config, bool], tuple[list, dict]], argv: list[str] | None = None,
+              upstream: tuple[str, ...] = ()) -> int:
     """Parse args, skip when outputs are complete, run, record a manifest. Returns an exit code.
 
-    key_fn(cfg) describes the inputs and settings the outputs depend on; run_fn(cfg, force) does
-    the work and returns (output paths, summary dict).
+    key_fn(cfg) describes the settings and input files the outputs depend on; `upstream` names the
+    stages whose outputs this one reads: their manifests' keys join the key, so a stage redone
+    upstream under other settings makes this one stale. run_fn(cfg, force) does the work and
+    returns (output paths, summary dict).
     """
     git_commit()  # the code this stage runs, before anyone edits the tree
     try:
         cfg, args = parse_stage_args(description, argv)
         with run_lock(cfg):
-            key = key_fn(cfg)
+            key = {**key_fn(cfg), "upstream": upstream_key(cfg, upstream)} if upstream else key_fn(cfg)
             if not args.force and is_complete(cfg, stage, key):
                 print(f"[{stage}] outputs complete for preset '{cfg.preset}': skipped (--force to redo)")
                 return 0
