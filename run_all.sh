@@ -59,14 +59,13 @@ find_stage() {
 if [ -n "$from_stage" ]; then from_stage=$(find_stage "$from_stage") || exit 2; fi
 if [ -n "$only_stage" ]; then only_stage=$(find_stage "$only_stage") || exit 2; fi
 
-# One run at a time per work folder: hold work/<preset>/run.lock for the whole run (the stages see
+# One run at a time per work folder: hold its lock (python -m nucleic.stage lock-path) for the whole run (the stages see
 # $NT_RUN_LOCK and go on under it; a stage started by hand meanwhile stops with a clear message).
 if command -v flock >/dev/null 2>&1; then
   lock=$("$PY" -m nucleic.stage lock-path --preset "$preset" "${stage_args[@]}") || exit 2
-  mkdir -p "$(dirname "$lock")"
   exec 9>>"$lock"
   if ! flock -n 9; then
-    die "another run is using $(dirname "$lock") ($(cat "$lock" 2>/dev/null || echo 'holder unknown')); wait for it to finish or stop it"
+    die "another run is using this work folder ($(cat "$lock" 2>/dev/null || echo 'holder unknown')); wait for it to finish or stop it"
   fi
   echo "run_all.sh pid $$, since $(date +%H:%M:%S)" > "$lock"
   export NT_RUN_LOCK="$lock"

@@ -55,6 +55,7 @@ def test_openvaccine_prediction_equals_stage_06_for_a_test_id(trained, tmp_path)
     ([("bad", "GGAAXCC")], "record 'bad': character 'X' at position 4 is not one of 'ACGU'"),
     ([("long", "A" * 501)], "record 'long': 501 nt is longer than the 500 nt"),
     ([("empty", "")], "record 'empty': empty sequence"),
+    ([("one", "G")], "record 'one': 1 nt is shorter than the 2 nt this model needs"),
 ])
 def test_openvaccine_bad_records(trained, tmp_path, capsys, records, message):
     workspace, args = trained
@@ -63,6 +64,34 @@ def test_openvaccine_bad_records(trained, tmp_path, capsys, records, message):
                  *args[:2], *args[4:]])
     assert code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("missing.pt", "missing.pt: checkpoint not found"),
+    ("notes.pt", "notes.pt: not a checkpoint of this project"),
+])
+def test_bad_weights_are_one_line(trained, tmp_path, capsys, weights, message):
+    workspace, args = trained
+    (tmp_path / "notes.pt").write_text("these are not weights")
+    code = main(["openvaccine", "--input", str(fasta(tmp_path / "in.fa", [("a", "GGAAACC")])),
+                 "--output", str(tmp_path / "out.csv"), "--weights", str(tmp_path / weights), *args[:2], *args[4:]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("encode, message", [
+    (lambda text: __import__("gzip").compress(text.encode()), "gzip-compressed: unpack it first"),
+    (lambda text: text.encode("utf-16"), "UTF-16 text: save it as UTF-8"),
+    (lambda text: b"\x00\x01\xff binary", "not UTF-8 text"),
+])
+def test_input_that_is_not_utf8_text_is_one_line(trained, tmp_path, capsys, encode, message):
+    workspace, args = trained
+    source = tmp_path / "in.fa"
+    source.write_bytes(encode(">a\nGGAAACC\n"))
+    code = main(["openvaccine", "--input", str(source), "--output", str(tmp_path / "out.csv"), *args[:2], *args[4:]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_classifier_round_trip_from_csv(trained, tmp_path, data_dir):

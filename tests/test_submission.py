@@ -41,7 +41,7 @@ def _set(frame, row, column, value):
 BAD = {
     "missing column": (lambda f: f.drop(columns="deg_50C"), "missing column(s) deg_50C"),
     "extra column": (lambda f: f.assign(extra=1), "unexpected column(s) extra"),
-    "too few rows": (lambda f: f.iloc[:-1], "6 rows, expected 7"),
+    "too few rows": (lambda f: f.iloc[:-1], "6 rows, expected 7; missing 1 id(s), e.g. id_b_3"),
     "too many rows": (lambda f: pd.concat([f, f.iloc[:1]]), "8 rows, expected 7"),
     "duplicate id": (lambda f: _set(f, 2, "id_seqpos", "id_b_0"), "row 5: duplicate id_seqpos 'id_b_0'"),
     "position past the end": (lambda f: _set(f, 2, "id_seqpos", "id_a_3"), "row 4: unknown id_seqpos 'id_a_3'"),
@@ -76,5 +76,21 @@ def test_command_line_checker(tmp_path, capsys, test_rows):
     frame.insert(0, "id_seqpos", ids)
     assert main([str(write(tmp_path, frame)), "--test", str(test_json)]) == 0
     assert "OK (214 rows)" in capsys.readouterr().out
-    assert main([str(write(tmp_path, frame.iloc[1:])), "--test", str(test_json)]) == 1
-    assert "213 rows, expected 214" in capsys.readouterr().err
+    assert main([str(write(tmp_path, frame.iloc[1:])), "--test", str(test_json)]) == 2
+    assert f"213 rows, expected 214; missing 1 id(s), e.g. {ids[0]}" in capsys.readouterr().err
+    assert main([str(write(tmp_path, frame)), "--test", str(tmp_path / "nowhere.json")]) == 2
+    assert capsys.readouterr().err.strip() == (f"ERROR {tmp_path / 'nowhere.json'}: file not found: run stage 00 "
+                                               "(prepare_input), or pass --test test.json")
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda frame: frame.to_csv(index=False, sep=";").encode(), "columns separated by ';'"),
+    (lambda frame: __import__("gzip").compress(frame.to_csv(index=False).encode()), "gzip-compressed"),
+    (lambda frame: frame.to_csv(index=False).encode("utf-16"), "UTF-16 text: save it as UTF-8"),
+    (lambda frame: b"id_seqpos,reactivity\n\xff\xfe\x00oops", "not UTF-8 text"),
+])
+def test_files_that_are_not_comma_separated_utf8_get_one_line(content, message, tmp_path):
+    path = tmp_path / "sub.csv"
+    path.write_bytes(content(good_frame()))
+    with pytest.raises(SubmissionError, match=message):
+        check_submission(path, TEST)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .dna_data import DNA_ALPHABET
-from .engine import Trainer, eq11_peak_lr, make_adam, seed_torch, warmup_inverse_sqrt
+from .engine import Trainer, eq11_peak_lr, load_checkpoint, make_adam, seed_torch, warmup_inverse_sqrt
 from .features import tokenize
 from .models.classifiers import DanQ, NTClassifier, NucleotideCNN
 
@@ -130,9 +130,16 @@ def save_classifier(path, kind: str, settings, length: int, model: torch.nn.Modu
 
 def load_classifier(path, device: torch.device) -> tuple[torch.nn.Module, int]:
     """(model in eval mode, the sequence length it was trained on)."""
-    saved = torch.load(path, map_location=device, weights_only=False)
+    from .stage import InputError
+
+    saved = load_checkpoint(path, device)
+    if not {"kind", "settings", "length"} <= set(saved):
+        raise InputError(path, "not a classifier checkpoint (stages 10-12 write those)")
     model = build_classifier(saved["kind"], saved["settings"], saved["length"]).to(device)
-    model.load_state_dict(saved["model"])
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError:
+        raise InputError(path, "weights do not fit the model the checkpoint describes") from None
     return model.eval(), saved["length"]
 
 

@@ -16,7 +16,7 @@ from .config import Config, Paths
 from .features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS, check_letters
 from .io_utils import copy_file, write_bytes, write_json, write_pickle
 from .loop_types import pair_table
-from .stage import InputError, artifact_meta
+from .stage import InputError, artifact_meta, decode_text
 
 TARGETS = ["reactivity", "deg_Mg_pH10", "deg_pH10", "deg_Mg_50C", "deg_50C"]
 SCORED_TARGETS = ["reactivity", "deg_Mg_pH10", "deg_Mg_50C"]
@@ -74,13 +74,18 @@ def source_name(source: tuple[Path, str | None]) -> str:
 
 def parse_json_lines(raw: bytes, file: str) -> list[dict]:
     records = []
-    for row, line in enumerate(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8"), start=1):
+    text = decode_text(raw, file)
+    if text.lstrip().startswith("["):
+        raise InputError(file, "a JSON array: expected JSON Lines, one object per line "
+                               "(pandas: to_json(orient='records', lines=True))", row=1)
+    for row, line in enumerate(io.StringIO(text), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise InputError(file, f"invalid JSON ({err.msg} at column {err.colno})", row=row) from None
+            raise InputError(file, f"invalid JSON ({err.msg} at column {err.colno}); the format is JSON Lines, "
+                                   "one object per line", row=row) from None
         if not isinstance(record, dict):
             raise InputError(file, "a line must hold one JSON object", row=row)
         record["_row"] = row

@@ -3,12 +3,13 @@ id, sequence (upper case, U written as T), label (0/1) and group (source file or
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import pandas as pd
 
 from .features import clean_sequence
-from .stage import InputError
+from .stage import InputError, read_text
 
 DNA_ALPHABET = "ACGT"
 
@@ -24,7 +25,7 @@ def _rows(path: Path, n_columns: int, header: list[str] | None):
     """(row number, fields) of a CSV file, checking the header and the column count."""
     if not path.exists():
         raise InputError(path, "file not found")
-    with open(path, newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.reader(f)
         if header is not None:
             found = next(reader, None)

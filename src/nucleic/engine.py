@@ -157,6 +157,24 @@ def save_checkpoint(path: Path, obj) -> None:
         torch.save(obj, tmp)
 
 
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """A checkpoint written by this project, loaded safely (weights_only: tensors and plain data only).
+    A missing file, or one that is not such a checkpoint, is one InputError line."""
+    from .stage import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises many kinds (pickle, zip, runtime) for a file that is no checkpoint
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(path, f"not a checkpoint of this project ({first[:120]})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise InputError(path, "not a checkpoint of this project (no 'model' weights in it)")
+    return checkpoint
+
+
 def average_weights(paths: list[Path], device: torch.device) -> dict:
     """Element-wise mean of the model weights stored in `paths` (integer buffers from the first)."""
     states = [torch.load(p, map_location=device, weights_only=True)["model"] for p in paths]

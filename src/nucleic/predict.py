@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .config import ConfigError, Paths, load_config
 from .features import clean_sequence
-from .stage import InputError
+from .stage import InputError, read_text
 
 MAX_RNA_LENGTH = 500
 TASKS = ("openvaccine", "promoter", "viral", "mirna")
@@ -31,9 +30,7 @@ TASKS = ("openvaccine", "promoter", "viral", "mirna")
 
 def read_records(path: Path) -> list[tuple[str, str]]:
     """(id, raw sequence) from a FASTA file or a CSV with a `sequence` column."""
-    if not path.exists():
-        raise InputError(path, "file not found")
-    text = path.read_text()
+    text = read_text(path)
     if text.lstrip().startswith(">"):
         from Bio import SeqIO
 
@@ -45,13 +42,16 @@ def read_records(path: Path) -> list[tuple[str, str]]:
     return [(row.get("id") or row.get("name") or f"row{n}", row["sequence"] or "") for n, row in enumerate(rows, 2)]
 
 
-def clean_records(records, path: Path, alphabet: str, max_length: int) -> list[tuple[str, str]]:
+def clean_records(records, path: Path, alphabet: str, max_length: int, min_length: int = 1) -> list[tuple[str, str]]:
     cleaned = []
     for name, raw in records:
         try:
             sequence = clean_sequence(raw, alphabet)
         except ValueError as err:
             raise InputError(path, str(err), record=name) from None
+        if len(sequence) < min_length:
+            raise InputError(path, f"{len(sequence)} nt is shorter than the {min_length} nt this model needs",
+                             record=name)
         if len(sequence) > max_length:
             raise InputError(path, f"{len(sequence)} nt is longer than the {max_length} nt this model takes",
                              record=name)
@@ -61,10 +61,20 @@ def clean_records(records, path: Path, alphabet: str, max_length: int) -> list[t
 
 def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFrame:
     from .dataset import load_rna_tensors
+    from .engine import load_checkpoint
     from .structures import StructureStore
     from .submission import predictions_frame
     from .train import build_model, predict
 
+    models = []
+    for path in weights:  # every checkpoint checked before anything is folded
+        model = build_model(cfg.model).to(device)
+        try:
+            model.load_state_dict(load_checkpoint(path, device)["model"])
+        except RuntimeError:
+            raise InputError(path, f"weights do not fit the preset's model (--preset {cfg.preset}; "
+                                   "pass the preset it was trained with)") from None
+        models.append((path, model))
     sequences = [s for _, s in records]
     # The preset's 12 structure predictions, through the same store as stage 01 (cached for next time)
     store = StructureStore(Paths(cfg).structures, cfg.fold)
@@ -72,12 +82,8 @@ def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFra
     data = load_rna_tensors(pd.DataFrame({"id": [name for name, _ in records], "sequence": sequences,
                                           "seq_scored": [len(s) for s in sequences]}), store)
     everything = np.arange(len(records))
-    per_model = []
-    for path in weights:
-        model = build_model(cfg.model).to(device)
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
-        per_model.append(predict(model, data, everything, device, cfg.train.eval_batch_size, cfg.train.bf16,
-                                 cfg.train.channels_last, desc=path.parent.name))
+    per_model = [predict(model, data, everything, device, cfg.train.eval_batch_size, cfg.train.bf16,
+                         cfg.train.channels_last, desc=path.parent.name) for path, model in models]
     mean = [np.mean([p[i] for p in per_model], axis=0) for i in everything]
     return predictions_frame(data.ids, mean, [len(s) for s in sequences])
 
@@ -137,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         records = read_records(path)
         weights = [Path(w) for w in args.weights] if args.weights else default_weights(cfg, args.task)
         if args.task == "openvaccine":
-            cleaned = clean_records(records, path, SEQUENCE_TOKENS, MAX_RNA_LENGTH)
+            # the deepest layer reads k-mers of k = model.nlayer nucleotides: the shortest RNA it can take
+            cleaned = clean_records(records, path, SEQUENCE_TOKENS, MAX_RNA_LENGTH, min_length=cfg.model.nlayer)
             frame = predict_openvaccine(cfg, cleaned, weights, device)
         else:
             frame = predict_classifier(records, weights, path, device)

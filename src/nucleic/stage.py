@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +29,28 @@ class InputError(Exception):
         if field is not None:
             where.append(f"field '{field}'")
         super().__init__(f"{': '.join(where)}: {problem}")
+
+
+def decode_text(raw: bytes, file) -> str:
+    """A file's bytes as UTF-8 text (a BOM is fine), or one line saying what the file seems to be."""
+    if raw[:2] == b"\x1f\x8b":
+        raise InputError(file, "gzip-compressed: unpack it first (gunzip)")
+    if raw[:4] == b"PK\x03\x04":
+        raise InputError(file, "a zip archive: unpack it first")
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise InputError(file, "UTF-16 text: save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(file, f"not UTF-8 text (byte {err.start} is {raw[err.start:err.start + 1]!r}): "
+                               "a binary file? save it as UTF-8 text") from None
+
+
+def read_text(path: Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found" if not path.exists() else "not a file")
+    return decode_text(path.read_bytes(), path)
 
 
 def manifest_path(cfg: Config, stage: str) -> Path:
@@ -84,13 +108,16 @@ def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
 
 
 def lock_path(cfg: Config) -> Path:
-    return Paths(cfg).run / "run.lock"
+    """The run lock of cfg's work folder. It lives in the system's temporary folder, keyed by the work
+    folder's path, so taking it writes nothing into a workspace (a refused or failed stage leaves none)."""
+    digest = hashlib.sha1(str(Paths(cfg).run).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"nucleic-run-{digest}.lock"
 
 
 @contextlib.contextmanager
 def run_lock(cfg: Config) -> Iterator[None]:
-    """One run at a time per work folder: an exclusive flock on work/<preset>/run.lock. run_all.sh takes it
-    for the whole run and names it in $NT_RUN_LOCK, so its own stages go on under it."""
+    """One run at a time per work folder (work/<preset>): an exclusive flock on its lock_path. run_all.sh
+    takes it for the whole run and names it in $NT_RUN_LOCK, so its own stages go on under it."""
     path = lock_path(cfg)
     if os.environ.get("NT_RUN_LOCK") == str(path):
         yield
@@ -102,7 +129,7 @@ def run_lock(cfg: Config) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise RunLocked(f"{path}: another run is using this work folder ({holder}); "
+            raise RunLocked(f"{Paths(cfg).run}: another run is using this work folder ({holder}); "
                             "wait for it to finish or stop it") from None
         handle.seek(0)
         handle.truncate()

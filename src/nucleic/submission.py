@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .data import TARGETS
+from .stage import InputError, read_text
 
 ID_COLUMN = "id_seqpos"
 COLUMNS = [ID_COLUMN] + TARGETS
@@ -39,9 +41,13 @@ def check_submission(path: str | Path, test: pd.DataFrame) -> int:
     """Raise SubmissionError naming the first problem; return the row count when the file is valid."""
     path = Path(path)
     try:
-        frame = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        frame = pd.read_csv(io.StringIO(read_text(path)))
+    except InputError as err:
+        raise SubmissionError(str(err)) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise SubmissionError(f"{path}: cannot read as CSV ({err})") from None
+    if len(frame.columns) == 1 and ";" in frame.columns[0]:
+        raise SubmissionError(f"{path}: columns separated by ';': a submission is comma-separated")
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise SubmissionError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -50,7 +56,9 @@ def check_submission(path: str | Path, test: pd.DataFrame) -> int:
         raise SubmissionError(f"{path}: unexpected column(s) {', '.join(extra)}")
     want = expected_ids(test)
     if len(frame) != len(want):
-        raise SubmissionError(f"{path}: {len(frame)} rows, expected {len(want)}")
+        absent = [i for i in want if i not in set(frame[ID_COLUMN])]
+        note = f"; missing {len(absent)} id(s), e.g. {', '.join(absent[:3])}" if absent else ""
+        raise SubmissionError(f"{path}: {len(frame)} rows, expected {len(want)}{note}")
     duplicated = frame[ID_COLUMN][frame[ID_COLUMN].duplicated()]
     if len(duplicated):
         raise SubmissionError(f"{path}: row {duplicated.index[0] + 2}: duplicate {ID_COLUMN} '{duplicated.iloc[0]}'")
@@ -75,11 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("csv")
     parser.add_argument("--test", default="input/openvaccine/test.json", help="test.json the ids come from")
     args = parser.parse_args(argv)
+    test = Path(args.test)
     try:
-        rows = check_submission(args.csv, load_split((Path(args.test), None), "test"))
-    except SubmissionError as err:
+        if not test.exists():
+            raise InputError(test, "file not found: run stage 00 (prepare_input), or pass --test test.json")
+        rows = check_submission(args.csv, load_split((test, None), "test"))
+    except (SubmissionError, InputError) as err:  # exit 2: the file (or its test set) is wrong; 1 is for bugs
         print(f"ERROR {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"{args.csv}: OK ({rows} rows)")
     return 0
 
