@@ -217,3 +217,14 @@ def test_collate_stacks_each_sample_with_its_own_structure_prediction():
     assert pair.shape == (2, 4, 12, 12) and pair.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(pair[1, 0], torch.from_numpy(data.bpp[0][2].astype(np.float32)))
     assert torch.equal(pair[0, 1:], torch.from_numpy(covalent_distance_features(12)))
+
+
+def test_resuming_ranger_prints_nothing(capsys):
+    from nucleic.engine import make_optimizer
+
+    model = torch.nn.Linear(2, 1)
+    settings = load_config("smoke").train
+    saved = make_optimizer(model, settings).state_dict()
+    capsys.readouterr()
+    make_optimizer(model, settings).load_state_dict(saved)
+    assert capsys.readouterr().out == ""

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import REPO, isolated, load_kernel
 
 from nucleic.config import load_config
@@ -98,3 +99,27 @@ def test_unreadable_shard_is_refolded(tiny_data_dir, tmp_path):
     assert sorted(refolded) == sorted(original)
     for name in original:
         assert np.array_equal(refolded[name], original[name]), name
+
+
+def test_a_truncated_shard_makes_stage_01_redo_just_that_shard(tiny_data_dir, tmp_path):
+    """truncate -s 100 on a shard: stage 01 is no longer 'complete', refolds only that shard, and a reader
+    of a damaged shard names it in one line."""
+    workspace = tmp_path / "ws"
+    prepared_workspace(tiny_data_dir, workspace)
+    subprocess.run(fold_command(workspace), cwd=REPO, check=True, capture_output=True)
+    shards = shard_files(workspace)
+    victim = shards[7]
+    original = victim.read_bytes()
+    before = {p: p.stat().st_mtime_ns for p in shards if p != victim}
+    with open(victim, "r+b") as f:
+        f.truncate(100)
+    prepared = workspace / "work" / "smoke" / "prepared"
+    sequences = [s for split in ("train", "test") for s in pd.read_pickle(prepared / f"{split}.pkl").sequence]
+    from nucleic.stage import InputError
+    with pytest.raises(InputError, match=f"{victim}: damaged structure shard .*removed: run stage 01"):
+        store_for(workspace).load(sequences)
+    victim.write_bytes(original[:100])  # damaged again, as on disk after the truncation
+    rerun = subprocess.run(fold_command(workspace), cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0 and "skipped" not in rerun.stdout, rerun.stdout + rerun.stderr
+    assert victim.read_bytes() == original, "refolded to the same bytes"
+    assert {p: p.stat().st_mtime_ns for p in shards if p != victim} == before, "other shards untouched"

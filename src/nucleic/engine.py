@@ -81,6 +81,10 @@ class Ranger(RangerAdaBelief):
         for group in self.param_groups:
             group["decoupled_weight_decay"] = weight_decay
 
+    def __setstate__(self, state):  # the library prints "set state called" at every load_state_dict
+        with contextlib.redirect_stdout(io.StringIO()):
+            super().__setstate__(state)
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:

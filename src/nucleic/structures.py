@@ -92,16 +92,25 @@ class StructureStore:
         for key in keys:
             by_bucket.setdefault(self.bucket(key), set()).add(key)
         out = {k: {"bpp": [], "structure": [], "loop": []} for k in keys}
+        from .stage import InputError
+
         for bucket, bucket_keys in by_bucket.items():
             for slot in self.slots:
                 path = self.shard_path(slot, bucket)
-                with np.load(path, allow_pickle=False) as shard:
-                    for key in bucket_keys:
-                        if f"{key}.bpp" not in shard.files:
-                            raise KeyError(f"{path} lacks sequence {key}: run stage 01 (fold_structures)")
-                        out[key]["bpp"].append(shard[f"{key}.bpp"])
-                        out[key]["structure"].append(str(shard[f"{key}.structure"]))
-                        out[key]["loop"].append(str(shard[f"{key}.loop"]))
+                if not path.exists():
+                    raise InputError(path, "structure shard not found: run stage 01 (fold_structures)")
+                try:
+                    with np.load(path, allow_pickle=False) as shard:
+                        for key in bucket_keys:
+                            if f"{key}.bpp" not in shard.files:
+                                raise InputError(path, f"lacks sequence {key}: run stage 01 (fold_structures)")
+                            out[key]["bpp"].append(shard[f"{key}.bpp"])
+                            out[key]["structure"].append(str(shard[f"{key}.structure"]))
+                            out[key]["loop"].append(str(shard[f"{key}.loop"]))
+                except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+                    path.unlink(missing_ok=True)  # a cache entry: stage 01 refolds what is missing
+                    raise InputError(path, f"damaged structure shard ({type(err).__name__}), removed: run stage 01 "
+                                           "(fold_structures) again to refold it") from None
         for entry in out.values():
             entry["bpp"] = np.stack(entry["bpp"])
         return out
@@ -166,9 +175,14 @@ def _fold_settings(cfg) -> dict:
 
 
 def fold_key(cfg) -> dict:
+    from .config import Paths
+
     sequences, _ = prepared_sequences(cfg)
     digest = hashlib.sha1("\n".join(sequences).encode()).hexdigest()
-    return {"fold": _fold_settings(cfg), "sequences_sha1": digest, "structures": str(cfg.paths.structures)}
+    # shards missing or unreadable (e.g. truncated) make the stage incomplete: it refolds just those
+    unfolded = len(StructureStore(Paths(cfg).structures, cfg.fold).pending(sequences))
+    return {"fold": _fold_settings(cfg), "sequences_sha1": digest, "structures": str(cfg.paths.structures),
+            "unfolded_shards": unfolded}
 
 
 def fold_structures(cfg, force: bool = False) -> tuple[list[Path], dict]:
