@@ -157,20 +157,21 @@ def upstream_key(cfg: Config, upstream: tuple[str, ...]) -> dict:
 
 def run_stage(stage: str, description: str, key_fn: Callable[[Config], dict],
               run_fn: Callable[[Config, bool], tuple[list, dict]], argv: list[str] | None = None,
-              upstream: tuple[str, ...] = ()) -> int:
+              upstream: tuple[str, ...] = (), verify: Callable[[Config], bool] | None = None) -> int:
     """Parse args, skip when outputs are complete, run, record a manifest. Returns an exit code.
 
     key_fn(cfg) describes the settings and input files the outputs depend on; `upstream` names the
     stages whose outputs this one reads: their manifests' keys join the key, so a stage redone
-    upstream under other settings makes this one stale. run_fn(cfg, force) does the work and
-    returns (output paths, summary dict).
+    upstream under other settings makes this one stale. verify(cfg), when given, checks the outputs'
+    contents beyond their existence (False: redo). run_fn(cfg, force) does the work and returns
+    (output paths, summary dict).
     """
     git_commit()  # the code this stage runs, before anyone edits the tree
     try:
         cfg, args = parse_stage_args(description, argv)
         with run_lock(cfg):
             key = {**key_fn(cfg), "upstream": upstream_key(cfg, upstream)} if upstream else key_fn(cfg)
-            if not args.force and is_complete(cfg, stage, key):
+            if not args.force and is_complete(cfg, stage, key) and (verify is None or verify(cfg)):
                 print(f"[{stage}] outputs complete for preset '{cfg.preset}': skipped (--force to redo)")
                 return 0
             start = time.time()

@@ -175,14 +175,17 @@ def _fold_settings(cfg) -> dict:
 
 
 def fold_key(cfg) -> dict:
+    sequences, _ = prepared_sequences(cfg)
+    digest = hashlib.sha1("\n".join(sequences).encode()).hexdigest()
+    return {"fold": _fold_settings(cfg), "sequences_sha1": digest, "structures": str(cfg.paths.structures)}
+
+
+def structures_complete(cfg) -> bool:
+    """Every shard present and readable: a missing or truncated one makes stage 01 redo just that shard."""
     from .config import Paths
 
     sequences, _ = prepared_sequences(cfg)
-    digest = hashlib.sha1("\n".join(sequences).encode()).hexdigest()
-    # shards missing or unreadable (e.g. truncated) make the stage incomplete: it refolds just those
-    unfolded = len(StructureStore(Paths(cfg).structures, cfg.fold).pending(sequences))
-    return {"fold": _fold_settings(cfg), "sequences_sha1": digest, "structures": str(cfg.paths.structures),
-            "unfolded_shards": unfolded}
+    return not StructureStore(Paths(cfg).structures, cfg.fold).pending(sequences)
 
 
 def fold_structures(cfg, force: bool = False) -> tuple[list[Path], dict]:
