@@ -212,10 +212,14 @@ OTHER_TASKS = ("promoter", "viral", "mirna")  # copied as they are; validated by
 
 
 def prepare_key(cfg: Config) -> dict:
-    """What stage 00's outputs depend on: the raw files' content and the data settings."""
-    sources = locate_openvaccine(Path(cfg.data_dir))
+    """What stage 00's outputs depend on: the raw files' content, the data settings, and the files of the
+    classification folders it copies (names and sizes: a folder that appears later makes it redo)."""
+    data_dir = Path(cfg.data_dir)
+    sources = locate_openvaccine(data_dir)
     digests = {split: hashlib.sha1(read_source_bytes(src)).hexdigest() for split, src in sources.items()}
-    return {"data": dict(cfg.data), "openvaccine_sha1": digests}
+    tasks = {task: sorted([f.name, f.stat().st_size] for f in (data_dir / task).iterdir() if f.is_file())
+             for task in OTHER_TASKS if (data_dir / task).is_dir()}
+    return {"data": dict(cfg.data), "openvaccine_sha1": digests, "task_files": tasks}
 
 
 def prepare_input(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
@@ -255,4 +259,5 @@ def _copy_raw_inputs(sources, data_dir: Path, input_dir: Path) -> list[Path]:
             for file in sorted(folder.iterdir()):
                 if file.is_file():
                     copy_file(file, input_dir / task / file.name)
+                    copied.append(input_dir / task / file.name)
     return copied
