@@ -8,6 +8,8 @@ from conftest import isolated, load_kernel
 
 from nucleic.predict import main
 
+pytestmark = pytest.mark.slow  # minute-long: a smoke pipeline per module
+
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):

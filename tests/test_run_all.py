@@ -15,6 +15,8 @@ from nucleic.structures import StructureStore
 STAGES = ("00_prepare_input", "01_fold_structures", "02_pretrain", "03_train_folds", "04_pseudo_label",
           "05_semi_supervised", "06_predict", "07_ensemble", "10_promoter", "11_viral", "12_mirna")
 
+pytestmark = pytest.mark.slow  # minute-long: a smoke pipeline per module
+
 
 def run_all(workspace, *args):
     return run_script(["bash", "run_all.sh", "--preset", "smoke", *isolated(workspace), *args],

@@ -16,6 +16,8 @@ import pytest
 import torch
 from conftest import REPO, isolated, load_kernel
 
+pytestmark = pytest.mark.slow  # minute-long: a smoke pipeline per module
+
 
 @pytest.fixture(scope="module")
 def folded_workspace(data_dir, tmp_path_factory):

@@ -221,6 +221,9 @@ class Trainer:
         if not self.last_path.exists():
             return False
         checkpoint = torch.load(self.last_path, map_location=self.device, weights_only=False)
+        if not {"model", "optimizer", "scheduler", "state"} <= set(checkpoint):
+            print(f"{self.last_path}: written by an older version of this code; starting over", flush=True)
+            return False
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
