@@ -83,7 +83,7 @@ def _parse_override(text: str) -> dict:
 # file. Keys whose default (null, or one of two kinds) does not tell the type say it here; "?" = or null.
 KINDS = {
     "data.max_train": "int?", "data.max_test": "int?",
-    "train.grad_clip": "number?", "train.init_weights": "str?", "train.val_structures": "int?",
+    "train.grad_clip": "number?", "pretrain.grad_clip": "number?", "train.init_weights": "str?", "train.val_structures": "int?",
     "train.column_weights": "list?", "train.bf16": "bool|auto",
     "*.pos_weight": "number|balanced", "*.negatives_per_positive": "number?", "*.max_rows": "int?",
 }

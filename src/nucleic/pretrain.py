@@ -91,7 +91,7 @@ def pretrain_checkpoint(cfg: Config) -> Path:
 
 
 def pretrain_settings(cfg: Config) -> dict:
-    return {"model": dict(cfg.model), "pretrain": dict(cfg.pretrain), "seed": cfg.seed, "grad_clip": cfg.train.grad_clip,
+    return {"model": dict(cfg.model), "pretrain": dict(cfg.pretrain), "seed": cfg.seed,
             "fold": {k: v for k, v in dict(cfg.fold).items() if k != "n_jobs"}}
 
 
@@ -141,7 +141,7 @@ def pretrain_loop(cfg: Config, data: RNATensors, work_dir: Path, device: torch.d
     steps = len(length_batches(data.lengths, everything, pc.batch_size))
     scheduler = flat_then_cosine(optimizer, pc.epochs * steps, pc.flat_fraction)
     trainer = Trainer(model, optimizer, scheduler, work_dir, pc.epochs, device, seed=cfg.seed, stream=-1,
-                      bf16=tc.bf16, grad_clip=tc.grad_clip, name="pretrain")
+                      bf16=tc.bf16, grad_clip=pc.grad_clip, name="pretrain")
     generator = torch.Generator()
 
     def epoch_batches(rng):
