@@ -7,12 +7,11 @@ row and field, and nothing is written.
 """
 import sys
 
-from nucleic.data import prepare_input, prepare_key
 from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("00_prepare_input", __doc__, prepare_key, prepare_input, argv)
+    return run_stage("00_prepare_input", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,10 @@ an interrupted run resumes without refolding finished shards.
 import sys
 
 from nucleic.stage import run_stage
-from nucleic.structures import fold_key, fold_structures, structures_complete
 
 
 def main(argv=None) -> int:
-    return run_stage("01_fold_structures", __doc__, fold_key, fold_structures, argv,
-                     upstream=("00_prepare_input",), verify=structures_complete)
+    return run_stage("01_fold_structures", __doc__, argv)
 
 
 if __name__ == "__main__":

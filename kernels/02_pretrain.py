@@ -5,13 +5,11 @@ Runs when pretrain.enabled is true (else it records a skip); stage 03 then start
 """
 import sys
 
-from nucleic.pretrain import pretrain_key, run_pretraining
 from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("02_pretrain", __doc__, pretrain_key, run_pretraining, argv,
-                     upstream=("00_prepare_input", "01_fold_structures"))
+    return run_stage("02_pretrain", __doc__, argv)
 
 
 if __name__ == "__main__":

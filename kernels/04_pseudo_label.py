@@ -2,13 +2,11 @@
 """Stage 04: label the test set with an ensemble of Nucleic Transformers of different depths (per fold)."""
 import sys
 
-from nucleic.semi_supervised import pseudo_key, pseudo_label
 from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("04_pseudo_label", __doc__, pseudo_key, pseudo_label, argv,
-                     upstream=("03_train_folds",))
+    return run_stage("04_pseudo_label", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,11 @@
 """Stage 06: predict the test set with every fold's best checkpoint; write and check the Kaggle submission."""
 import sys
 
-from nucleic.openvaccine import predict_key, predict_test
 from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("06_predict", __doc__, predict_key, predict_test, argv,
-                     upstream=("03_train_folds",))
+    return run_stage("06_predict", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,11 @@ Non-negative weights per target column minimise the OOF MCRMSE on SN_filter == 1
 """
 import sys
 
-from nucleic.ensemble import ensemble, ensemble_key
 from nucleic.stage import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("07_ensemble", __doc__, ensemble_key, ensemble, argv,
-                     upstream=("03_train_folds", "05_semi_supervised", "06_predict"))
+    return run_stage("07_ensemble", __doc__, argv)
 
 
 if __name__ == "__main__":

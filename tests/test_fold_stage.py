@@ -25,8 +25,9 @@ def prepared_workspace(data_dir, workspace):
 
 
 def fold_command(workspace):
+    """Stage 01 on `workspace`, reading the data stage 00 copied there (so its upstream check agrees)."""
     return [sys.executable, str(REPO / "kernels" / "01_fold_structures.py"), "--preset", "smoke",
-            *isolated(workspace), "--set", "fold.n_jobs=2"]
+            "--data-dir", str(workspace / "input"), *isolated(workspace), "--set", "fold.n_jobs=2"]
 
 
 def shard_files(workspace):
@@ -123,3 +124,15 @@ def test_a_truncated_shard_makes_stage_01_redo_just_that_shard(tiny_data_dir, tm
     assert rerun.returncode == 0 and "skipped" not in rerun.stdout, rerun.stdout + rerun.stderr
     assert victim.read_bytes() == original, "refolded to the same bytes"
     assert {p: p.stat().st_mtime_ns for p in shards if p != victim} == before, "other shards untouched"
+
+
+def test_a_stage_run_alone_on_a_fresh_workspace_runs_its_upstream_first(tiny_data_dir, tmp_path):
+    workspace = tmp_path / "ws"
+    command = [sys.executable, str(REPO / "kernels" / "01_fold_structures.py"), "--preset", "smoke",
+               "--data-dir", str(tiny_data_dir), *isolated(workspace), "--set", "fold.n_jobs=2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "upstream stage 00_prepare_input is missing or stale: running it first" in result.stdout
+    assert (workspace / "work" / "smoke" / "manifests" / "00_prepare_input.json").exists()
+    assert store_for(workspace).pending(list(pd.read_pickle(workspace / "work" / "smoke" / "prepared"
+                                                             / "test.pkl").sequence)) == []

@@ -14,7 +14,9 @@ from nucleic.stage import lock_path, run_lock
 def test_a_second_run_on_the_same_work_folder_stops_with_a_clear_message(tmp_path):
     sets = isolated(tmp_path / "ws")
     cfg = load_config("smoke", [s for s in sets if s != "--set"])
-    kernel = [sys.executable, str(REPO / "kernels" / "07_ensemble.py"), "--preset", "smoke", *sets]
+    (tmp_path / "empty").mkdir()  # no data: once it has the lock, the stage stops at once (stage 00 upstream)
+    kernel = [sys.executable, str(REPO / "kernels" / "07_ensemble.py"), "--preset", "smoke", *sets,
+              "--data-dir", str(tmp_path / "empty")]
     with run_lock(cfg):
         alone = run_script(kernel)
         assert alone.returncode == 2
@@ -25,9 +27,9 @@ def test_a_second_run_on_the_same_work_folder_stops_with_a_clear_message(tmp_pat
         assert whole.returncode == 2 and "another run is using" in whole.stderr
         assert "==>" not in whole.stdout, "no stage started"
     assert not (tmp_path / "ws").exists(), "the refused runs wrote nothing"
-    # once the first run is over, the same command runs (and fails only for want of stage 03's models)
+    # once the first run is over, the same command runs (and stops only for want of data)
     after = run_script(kernel)
-    assert "another run" not in after.stderr
+    assert after.returncode == 2 and "another run" not in after.stderr and "no OpenVaccine data" in after.stderr
 
 
 def test_stages_of_one_run_all_go_on_under_its_lock(tmp_path):
@@ -38,6 +40,8 @@ def test_stages_of_one_run_all_go_on_under_its_lock(tmp_path):
     with open(path, "a") as held:
         import fcntl
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        result = subprocess.run([sys.executable, str(REPO / "kernels" / "07_ensemble.py"), "--preset", "smoke", *sets],
+        (tmp_path / "empty").mkdir()
+        result = subprocess.run([sys.executable, str(REPO / "kernels" / "07_ensemble.py"), "--preset", "smoke", *sets,
+                                 "--data-dir", str(tmp_path / "empty")],
                                 cwd=REPO, capture_output=True, text=True, env={**os.environ, "NT_RUN_LOCK": str(path)})
-    assert "another run" not in result.stderr
+    assert "another run" not in result.stderr and "no OpenVaccine data" in result.stderr

@@ -148,7 +148,7 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
         merged = _merge(merged, _parse_override(text))
     check_types(merged, base)
     merged["preset"] = preset
-    merged["data_dir"] = str(resolve_data_dir(data_dir))
+    merged["data_dir"] = str(resolve_data_dir(data_dir, REPO_ROOT / merged["paths"]["input"]))
     return Config(merged)
 
 
@@ -160,9 +160,9 @@ def with_settings(cfg: Config, **dotted) -> Config:
     return Config(merged)
 
 
-def resolve_data_dir(data_dir: str | None) -> Path:
-    """--data-dir, else $NT_DATA_DIR, else input/."""
-    chosen = data_dir or os.environ.get("NT_DATA_DIR") or str(REPO_ROOT / "input")
+def resolve_data_dir(data_dir: str | None, default: Path = REPO_ROOT / "input") -> Path:
+    """--data-dir, else $NT_DATA_DIR, else the input folder (paths.input, where stage 00 copies the data)."""
+    chosen = data_dir or os.environ.get("NT_DATA_DIR") or str(default)
     return Path(chosen).expanduser().resolve()
 
 

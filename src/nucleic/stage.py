@@ -62,14 +62,26 @@ def artifact_meta(cfg: Config) -> dict:
     return {"preset": cfg.preset, "git_commit": git_commit(), "config": cfg.to_dict()}
 
 
-def is_complete(cfg: Config, stage: str, key: dict) -> bool:
+def read_manifest(cfg: Config, stage: str) -> dict | None:
+    """The stage's manifest, or None when there is none or it is damaged (the stage then counts as not run)."""
     path = manifest_path(cfg, stage)
-    if not path.exists():
-        return False
-    manifest = json.loads(path.read_text())
-    if manifest.get("key_hash") != config_hash(key):
-        return False
-    return all(Path(p).exists() for p in manifest.get("outputs", []))
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def is_complete(cfg: Config, stage: str, key: dict) -> bool:
+    manifest = read_manifest(cfg, stage)
+    return (manifest is not None and manifest.get("key_hash") == config_hash(key)
+            and all(Path(p).exists() for p in manifest.get("outputs", [])))
+
+
+def recorded_complete(cfg: Config, stage: str) -> bool:
+    """The stage has a manifest and all its outputs exist (whatever its key was)."""
+    manifest = read_manifest(cfg, stage)
+    return manifest is not None and all(Path(p).exists() for p in manifest.get("outputs", []))
 
 
 def write_manifest(cfg: Config, stage: str, key: dict, outputs: list, elapsed_s: float, summary: dict) -> None:
@@ -85,12 +97,11 @@ def ensure_stage(cfg: Config, name: str, key_fn: Callable[[Config], dict],
     """Another stage's work that this stage needs (e.g. stage 04's depth models: stage 03 and 06 for
     another model), through the runner: skipped when its manifest `name` is complete, else run and
     recorded under that name, so every artifact has a manifest."""
-    key = key_fn(cfg)
-    if is_complete(cfg, name, key):
-        return
-    start = time.time()
-    outputs, summary = run_fn(cfg, False)
-    write_manifest(cfg, name, key, outputs, time.time() - start, summary)
+    from .pipeline import Stage
+
+    stage = Stage(name, key_fn, run_fn)
+    if not up_to_date(cfg, stage):
+        execute(cfg, stage, force=False)
 
 
 def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
@@ -148,40 +159,69 @@ class RunLocked(Exception):
 
 def upstream_key(cfg: Config, upstream: tuple[str, ...]) -> dict:
     """The key hashes of the upstream stages' manifests (None where one has not run)."""
-    hashes = {}
-    for name in upstream:
-        path = manifest_path(cfg, name)
-        hashes[name] = json.loads(path.read_text()).get("key_hash") if path.exists() else None
-    return hashes
+    return {name: (read_manifest(cfg, name) or {}).get("key_hash") for name in upstream}
 
 
-def run_stage(stage: str, description: str, key_fn: Callable[[Config], dict],
-              run_fn: Callable[[Config, bool], tuple[list, dict]], argv: list[str] | None = None,
-              upstream: tuple[str, ...] = (), verify: Callable[[Config], bool] | None = None) -> int:
-    """Parse args, skip when outputs are complete, run, record a manifest. Returns an exit code.
+def stage_key(cfg: Config, stage) -> dict:
+    """The stage's own key plus its upstream stages' keys: a stage redone upstream under other settings
+    makes this one stale."""
+    key = stage.key(cfg)
+    return {**key, "upstream": upstream_key(cfg, stage.upstream)} if stage.upstream else key
 
-    key_fn(cfg) describes the settings and input files the outputs depend on; `upstream` names the
-    stages whose outputs this one reads: their manifests' keys join the key, so a stage redone
-    upstream under other settings makes this one stale. verify(cfg), when given, checks the outputs'
-    contents beyond their existence (False: redo). run_fn(cfg, force) does the work and returns
-    (output paths, summary dict).
-    """
+
+def up_to_date(cfg: Config, stage) -> bool:
+    return is_complete(cfg, stage.name, stage_key(cfg, stage)) and (stage.verify is None or stage.verify(cfg))
+
+
+def execute(cfg: Config, stage, force: bool) -> tuple[float, dict]:
+    """Run the stage and record its manifest; (seconds, summary)."""
+    key = stage_key(cfg, stage)
+    start = time.time()
+    outputs, summary = stage.run(cfg, force)
+    elapsed = time.time() - start
+    write_manifest(cfg, stage.name, key, outputs, elapsed, summary)
+    return elapsed, summary
+
+
+def bring_upstream_up_to_date(cfg: Config, stage, registry: dict, checked: set[str]) -> None:
+    """Run every upstream stage (depth first) whose outputs are missing or stale."""
+    for name in stage.upstream:
+        if name in checked:
+            continue
+        upstream = registry[name]
+        bring_upstream_up_to_date(cfg, upstream, registry, checked)
+        try:
+            current = up_to_date(cfg, upstream)
+        except InputError:  # its inputs are not at hand now (e.g. no --data-dir): trust its recorded run
+            current = recorded_complete(cfg, name)
+        if not current:
+            print(f"[{stage.name}] upstream stage {name} is missing or stale: running it first", flush=True)
+            elapsed, summary = execute(cfg, upstream, force=False)
+            print(f"[{name}] done in {elapsed:.1f} s: {summary}", flush=True)
+        checked.add(name)
+
+
+def run_stage(name: str, description: str, argv: list[str] | None = None) -> int:
+    """A kernel's whole job: parse args, bring upstream stages up to date, skip when this stage's outputs
+    are complete (else run it and record a manifest). The stage itself is declared in pipeline.py.
+    Returns the exit code: 0 done, 2 bad input or config (one line)."""
     git_commit()  # the code this stage runs, before anyone edits the tree
     try:
         cfg, args = parse_stage_args(description, argv)
+        from .pipeline import stages
+
+        registry = stages()
+        stage = registry[name]
         with run_lock(cfg):
-            key = {**key_fn(cfg), "upstream": upstream_key(cfg, upstream)} if upstream else key_fn(cfg)
-            if not args.force and is_complete(cfg, stage, key) and (verify is None or verify(cfg)):
-                print(f"[{stage}] outputs complete for preset '{cfg.preset}': skipped (--force to redo)")
+            bring_upstream_up_to_date(cfg, stage, registry, set())
+            if not args.force and up_to_date(cfg, stage):
+                print(f"[{name}] outputs complete for preset '{cfg.preset}': skipped (--force to redo)")
                 return 0
-            start = time.time()
-            outputs, summary = run_fn(cfg, args.force)
-            elapsed = time.time() - start
-            write_manifest(cfg, stage, key, outputs, elapsed, summary)
-        print(f"[{stage}] done in {elapsed:.1f} s: {summary}")
+            elapsed, summary = execute(cfg, stage, args.force)
+        print(f"[{name}] done in {elapsed:.1f} s: {summary}")
         return 0
     except (InputError, ConfigError, RunLocked) as err:
-        print(f"ERROR [{stage}] {err}", file=sys.stderr)
+        print(f"ERROR [{name}] {err}", file=sys.stderr)
         return 2
 
 
