@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import isolated, load_kernel
 
-from nucleic.classify import balanced_pos_weight, encode_sequences, epoch_indices, inverse_sqrt_schedule, kmer_frequencies, mutate
+from nucleic.classify import balanced_pos_weight, encode_sequences, epoch_indices, kmer_frequencies, mutate
 from nucleic.models.classifiers import DanQ, NTClassifier, NucleotideCNN
 
 
@@ -74,13 +74,6 @@ def test_mutation_count_stays_within_each_sequence():
     changed = (mutated[0::2] != tokens[0]).sum(dim=1).float().mean().item()
     assert 2.3 < changed < 3.0  # 4 picks, 3/4 change, some picks collide
     assert torch.equal(tokens, encode_sequences(["ACGTACGTAC", "ACG"])), "input untouched"
-
-
-def test_inverse_sqrt_schedule_peaks_at_warmup():
-    lr = inverse_sqrt_schedule(256, 3200, 0.1)
-    assert lr(3200) == pytest.approx(0.1 / 16 / np.sqrt(3200))
-    assert lr(1600) < lr(3200) and lr(6400) < lr(3200)
-    assert lr(12800) == pytest.approx(lr(3200) / 2)
 
 
 def test_kmer_frequencies_sum_to_one_per_k():
