@@ -44,8 +44,11 @@ def locate_openvaccine(data_dir: Path) -> dict[str, tuple[Path, str | None]]:
             return found
     archive = data_dir / f"{KAGGLE_NAME}.zip"
     if archive.exists():
-        with zipfile.ZipFile(archive) as zf:
-            names = zf.namelist()
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise InputError(archive, f"not a readable zip archive ({err}): download it again") from None
         found = {}
         for split in SPLITS:
             member = next((n for n in names if n.rsplit("/", 1)[-1] == f"{split}.json"), None)
@@ -63,8 +66,11 @@ def read_source_bytes(source: tuple[Path, str | None]) -> bytes:
     path, member = source
     if member is None:
         return Path(path).read_bytes()
-    with zipfile.ZipFile(path) as zf:
-        return zf.read(member)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.read(member)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:  # e.g. a truncated download
+        raise InputError(f"{path}:{member}", f"cannot unpack ({err}): download the archive again") from None
 
 
 def source_name(source: tuple[Path, str | None]) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -157,6 +158,10 @@ class RunLocked(Exception):
     pass
 
 
+# The file system refused a write: no space, no permission, read-only. Not a bug: one line, exit 2.
+WRITE_FAILURES = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
+
+
 def upstream_key(cfg: Config, upstream: tuple[str, ...]) -> dict:
     """The key hashes of the upstream stages' manifests (None where one has not run)."""
     return {name: (read_manifest(cfg, name) or {}).get("key_hash") for name in upstream}
@@ -222,6 +227,12 @@ def run_stage(name: str, description: str, argv: list[str] | None = None) -> int
         return 0
     except (InputError, ConfigError, RunLocked) as err:
         print(f"ERROR [{name}] {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in WRITE_FAILURES:
+            raise
+        print(f"ERROR [{name}] {err.filename}: cannot write: {err.strerror} (check free space and permissions; "
+              "the stage resumes where it stopped)", file=sys.stderr)
         return 2
 
 
