@@ -82,6 +82,7 @@ def test_kmer_frequencies_sum_to_one_per_k():
     assert features[:, :4].sum(axis=1) == pytest.approx([1, 1]) and features[1, 0] == 1.0
 
 
+@pytest.mark.slow
 def test_smoke_promoter_stage_writes_metrics_and_motifs(data_dir, tmp_path):
     workspace = tmp_path / "ws"
     args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace), "--set", "train.threads=1"]
@@ -105,6 +106,7 @@ def prepared_inputs(data_dir, tmp_path_factory):
     return workspace, args
 
 
+@pytest.mark.slow
 def test_smoke_viral_stage_reports_every_model_and_protocol(prepared_inputs):
     workspace, args = prepared_inputs
     assert load_kernel("11_viral").main(args) == 0
@@ -117,6 +119,7 @@ def test_smoke_viral_stage_reports_every_model_and_protocol(prepared_inputs):
         assert (workspace / "figures" / figure).stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_smoke_mirna_stage_reports_paper_protocol_and_cv(prepared_inputs):
     workspace, args = prepared_inputs
     assert load_kernel("12_mirna").main(args) == 0

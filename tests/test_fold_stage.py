@@ -39,6 +39,7 @@ def store_for(workspace):
     return StructureStore(workspace / "structures", cfg.fold)
 
 
+@pytest.mark.slow
 def test_interrupted_fold_resumes_to_identical_files(tiny_data_dir, tmp_path):
     interrupted, clean = tmp_path / "interrupted", tmp_path / "clean"
     for workspace in (interrupted, clean):
@@ -68,6 +69,7 @@ def test_interrupted_fold_resumes_to_identical_files(tiny_data_dir, tmp_path):
     assert not list((interrupted / "structures").rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_store_holds_twelve_predictions_per_sequence(tiny_data_dir, tmp_path):
     workspace = tmp_path / "ws"
     prepared_workspace(tiny_data_dir, workspace)
@@ -102,6 +104,7 @@ def test_unreadable_shard_is_refolded(tiny_data_dir, tmp_path):
         assert np.array_equal(refolded[name], original[name]), name
 
 
+@pytest.mark.slow
 def test_a_truncated_shard_makes_stage_01_redo_just_that_shard(tiny_data_dir, tmp_path):
     """truncate -s 100 on a shard: stage 01 is no longer 'complete', refolds only that shard, and a reader
     of a damaged shard names it in one line."""

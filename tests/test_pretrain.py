@@ -64,6 +64,7 @@ def test_pretrain_model_heads_sit_beside_the_regression_model():
     assert names == set(build_model(cfg.model).state_dict())
 
 
+@pytest.mark.slow
 def test_smoke_pretraining_then_training_starts_from_it(data_dir, tmp_path):
     workspace = tmp_path / "ws"
     args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace), "--set", "pretrain.enabled=true",
