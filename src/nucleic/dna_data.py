@@ -23,8 +23,6 @@ def _clean_sequence(raw: str, file, row, field: str) -> str:
 
 def _rows(path: Path, n_columns: int, header: list[str] | None):
     """(row number, fields) of a CSV file, checking the header and the column count."""
-    if not path.exists():
-        raise InputError(path, "file not found")
     with io.StringIO(read_text(path), newline="") as f:
         reader = csv.reader(f)
         if header is not None:

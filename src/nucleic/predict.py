@@ -34,9 +34,8 @@ def read_records(path: Path) -> list[tuple[str, str]]:
     if text.lstrip().startswith(">"):
         from Bio import SeqIO
 
-        records = [(record.id or f"record{n}", str(record.seq))
-                   for n, record in enumerate(SeqIO.parse(io.StringIO(text), "fasta"), 1)]
-        return records
+        return [(record.id or f"record{n}", str(record.seq))
+                for n, record in enumerate(SeqIO.parse(io.StringIO(text), "fasta"), 1)]
     if not text.strip():
         raise InputError(path, "empty file: expected FASTA (>id lines) or CSV with a 'sequence' column")
     rows = list(csv.DictReader(text.splitlines()))

@@ -101,8 +101,9 @@ def ensure_stage(cfg: Config, name: str, key_fn: Callable[[Config], dict],
     from .pipeline import Stage
 
     stage = Stage(name, key_fn, run_fn)
-    if not up_to_date(cfg, stage):
-        execute(cfg, stage, force=False)
+    key = stage_key(cfg, stage)
+    if not up_to_date(cfg, stage, key):
+        execute(cfg, stage, False, key)
 
 
 def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
@@ -174,13 +175,14 @@ def stage_key(cfg: Config, stage) -> dict:
     return {**key, "upstream": upstream_key(cfg, stage.upstream)} if stage.upstream else key
 
 
-def up_to_date(cfg: Config, stage) -> bool:
-    return is_complete(cfg, stage.name, stage_key(cfg, stage)) and (stage.verify is None or stage.verify(cfg))
+def up_to_date(cfg: Config, stage, key: dict) -> bool:
+    """The manifest matches `key` (stage_key, computed before the run) and the outputs pass verify."""
+    return is_complete(cfg, stage.name, key) and (stage.verify is None or stage.verify(cfg))
 
 
-def execute(cfg: Config, stage, force: bool) -> tuple[float, dict]:
-    """Run the stage and record its manifest; (seconds, summary)."""
-    key = stage_key(cfg, stage)
+def execute(cfg: Config, stage, force: bool, key: dict | None = None) -> tuple[float, dict]:
+    """Run the stage and record its manifest under `key` (default: stage_key now); (seconds, summary)."""
+    key = stage_key(cfg, stage) if key is None else key
     start = time.time()
     outputs, summary = stage.run(cfg, force)
     elapsed = time.time() - start
@@ -196,12 +198,13 @@ def bring_upstream_up_to_date(cfg: Config, stage, registry: dict, checked: set[s
         upstream = registry[name]
         bring_upstream_up_to_date(cfg, upstream, registry, checked)
         try:
-            current = up_to_date(cfg, upstream)
+            key = stage_key(cfg, upstream)
+            current = up_to_date(cfg, upstream, key)
         except InputError:  # its inputs are not at hand now (e.g. no --data-dir): trust its recorded run
-            current = recorded_complete(cfg, name)
+            key, current = None, recorded_complete(cfg, name)
         if not current:
             print(f"[{stage.name}] upstream stage {name} is missing or stale: running it first", flush=True)
-            elapsed, summary = execute(cfg, upstream, force=False)
+            elapsed, summary = execute(cfg, upstream, False, key)
             print(f"[{name}] done in {elapsed:.1f} s: {summary}", flush=True)
         checked.add(name)
 
@@ -219,10 +222,11 @@ def run_stage(name: str, description: str, argv: list[str] | None = None) -> int
         stage = registry[name]
         with run_lock(cfg):
             bring_upstream_up_to_date(cfg, stage, registry, set())
-            if not args.force and up_to_date(cfg, stage):
+            key = stage_key(cfg, stage)
+            if not args.force and up_to_date(cfg, stage, key):
                 print(f"[{name}] outputs complete for preset '{cfg.preset}': skipped (--force to redo)")
                 return 0
-            elapsed, summary = execute(cfg, stage, args.force)
+            elapsed, summary = execute(cfg, stage, args.force, key)
         print(f"[{name}] done in {elapsed:.1f} s: {summary}")
         return 0
     except (InputError, ConfigError, RunLocked) as err:
