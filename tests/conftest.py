@@ -81,3 +81,30 @@ def load_kernel(name: str):
 def run_script(args: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, **kwargs)
+
+
+def run_all(workspace: Path, *args: str) -> subprocess.CompletedProcess:
+    """bash run_all.sh on the smoke preset, every artifact inside `workspace`."""
+    return run_script(["bash", "run_all.sh", "--preset", "smoke", *isolated(workspace), *args],
+                      env={"NT_LOG_DIR": str(workspace / "logs")}, timeout=1200)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(data_dir, tmp_path_factory):
+    """The whole smoke pipeline, run once per test session: (workspace, run_all.sh's result). Tests that
+    change files work on relocated_copy(workspace, ...)."""
+    workspace = tmp_path_factory.mktemp("run_all")
+    result = run_all(workspace, "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workspace, result
+
+
+def relocated_copy(workspace: Path, target: Path) -> Path:
+    """A copy of a finished workspace whose manifests name the copy's files, so stages run on the copy
+    see its outputs as their own."""
+    import shutil
+
+    shutil.copytree(workspace, target)
+    for manifest in (target / "work").rglob("manifests/*.json"):
+        manifest.write_text(manifest.read_text().replace(str(workspace), str(target)))
+    return target

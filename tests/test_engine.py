@@ -87,6 +87,49 @@ def test_engine_resumes_a_run_killed_mid_epoch_to_the_same_weights(tmp_path):
         f"epoch{e}.pt" for _, e in clean_state["top"]), "top/ keeps exactly the top_k epochs"
 
 
+@pytest.mark.parametrize("damage", ["truncated", "bit flip"])
+def test_a_damaged_last_checkpoint_is_named_and_the_run_starts_over(damage, tmp_path, capsys):
+    """torch.load accepts a checkpoint with a flipped byte in a tensor; the engine's CRC check does not."""
+    clean, _ = fit_regression(tmp_path / "clean")
+    with pytest.raises(Killed):
+        fit_regression(tmp_path / "damaged", killing(lambda: None, after_calls=12))
+    last = tmp_path / "damaged" / "last.pt"
+    raw = bytearray(last.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[len(raw) // 3] ^= 0xFF
+    last.write_bytes(bytes(raw))
+    capsys.readouterr()
+    resumed, _ = fit_regression(tmp_path / "damaged")
+    out = capsys.readouterr().out
+    assert f"{last}: damaged (" in out and "starting train over" in out and "resuming" not in out
+    assert same_weights(clean.model.state_dict(), resumed.model.state_dict())
+
+
+def test_damaged_pickles_and_stale_temporaries(tmp_path, capsys):
+    from nucleic.io_utils import DamagedFile, read_cache, read_pickle, write_pickle
+
+    path = tmp_path / "result.pkl"
+    write_pickle(path, {"probs": np.arange(5.0)})
+    assert np.array_equal(read_pickle(path)["probs"], np.arange(5.0))
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    with pytest.raises(DamagedFile, match="checksum mismatch"):
+        read_pickle(path)
+    assert read_cache(path) is None and not path.exists()
+    assert "result.pkl: damaged (checksum mismatch: truncated or altered): removed; redoing it" in capsys.readouterr().out
+    import pickle
+
+    path.write_bytes(pickle.dumps({"a": 1}))  # a plain pickle (another program, an older version)
+    with pytest.raises(DamagedFile, match="no checksum header"):
+        read_pickle(path)
+    stale = tmp_path / ".result.pkl.abc123.tmp"
+    stale.write_bytes(b"half a pickle")
+    write_pickle(path, {"a": 2})
+    assert read_pickle(path) == {"a": 2} and not stale.exists()
+
+
 def test_best_checkpoint_follows_the_direction_of_the_score(tmp_path):
     model = torch.nn.Linear(1, 1)
     optimizer = make_adam(model, 1e-3)

@@ -9,12 +9,11 @@ import sys
 import time
 
 import numpy as np
-import pandas as pd
 import pytest
 from conftest import REPO, isolated, load_kernel
 
 from nucleic.config import load_config
-from nucleic.io_utils import read_npz
+from nucleic.io_utils import read_npz, read_pickle
 from nucleic.structures import StructureStore, sequence_key
 
 prepare = load_kernel("00_prepare_input")
@@ -75,7 +74,7 @@ def test_store_holds_twelve_predictions_per_sequence(tiny_data_dir, tmp_path):
     prepared_workspace(tiny_data_dir, workspace)
     fold = load_kernel("01_fold_structures")
     assert fold.main(["--preset", "smoke", *isolated(workspace)]) == 0
-    test = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
+    test = read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
     store = store_for(workspace)
     record = store.load(list(test.sequence))[sequence_key(test.sequence[7])]
     length = len(test.sequence[7])
@@ -91,7 +90,7 @@ def test_unreadable_shard_is_refolded(tiny_data_dir, tmp_path):
     prepared_workspace(tiny_data_dir, workspace)
     subprocess.run(fold_command(workspace), cwd=REPO, check=True, capture_output=True)
     store = store_for(workspace)
-    sequences = list(pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl").sequence)
+    sequences = list(read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl").sequence)
     victim = shard_files(workspace)[5]
     original = read_npz(victim)
     victim.write_bytes(b"not a zip file")
@@ -118,7 +117,7 @@ def test_a_truncated_shard_makes_stage_01_redo_just_that_shard(tiny_data_dir, tm
     with open(victim, "r+b") as f:
         f.truncate(100)
     prepared = workspace / "work" / "smoke" / "prepared"
-    sequences = [s for split in ("train", "test") for s in pd.read_pickle(prepared / f"{split}.pkl").sequence]
+    sequences = [s for split in ("train", "test") for s in read_pickle(prepared / f"{split}.pkl").sequence]
     from nucleic.stage import InputError
     with pytest.raises(InputError, match=f"{victim}: damaged structure shard .*removed: run stage 01"):
         store_for(workspace).load(sequences)
@@ -137,5 +136,5 @@ def test_a_stage_run_alone_on_a_fresh_workspace_runs_its_upstream_first(tiny_dat
     assert result.returncode == 0, result.stderr[-2000:]
     assert "upstream stage 00_prepare_input is missing or stale: running it first" in result.stdout
     assert (workspace / "work" / "smoke" / "manifests" / "00_prepare_input.json").exists()
-    assert store_for(workspace).pending(list(pd.read_pickle(workspace / "work" / "smoke" / "prepared"
+    assert store_for(workspace).pending(list(read_pickle(workspace / "work" / "smoke" / "prepared"
                                                              / "test.pkl").sequence)) == []

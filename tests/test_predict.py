@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from conftest import isolated, load_kernel
 
+from nucleic.io_utils import read_pickle
 from nucleic.predict import main
 
 pytestmark = pytest.mark.slow  # minute-long: a smoke pipeline per module
@@ -42,7 +43,7 @@ def test_openvaccine_round_trip_any_length(trained, tmp_path, test_rows, capsys)
 
 def test_openvaccine_prediction_equals_stage_06_for_a_test_id(trained, tmp_path):
     workspace, args = trained
-    test = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
+    test = read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
     row = test.iloc[-1]
     out = tmp_path / "out.csv"
     assert main(["openvaccine", "--input", str(fasta(tmp_path / "in.fa", [(row.id, row.sequence)])),

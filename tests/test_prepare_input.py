@@ -5,9 +5,10 @@ import copy
 import json
 import zipfile
 
-import pandas as pd
 import pytest
 from conftest import REPO, isolated, load_kernel, run_script, write_json_lines
+
+from nucleic.io_utils import read_pickle
 
 kernel = load_kernel("00_prepare_input")
 
@@ -118,8 +119,8 @@ def test_good_input_is_copied_normalized_and_then_skipped(tiny_data_dir, tmp_pat
     assert run_stage00(tiny_data_dir, workspace) == 0
     assert (workspace / "input" / "openvaccine" / "train.json").read_bytes() == \
         (tiny_data_dir / "openvaccine" / "train.json").read_bytes()
-    train = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "train.pkl")
-    test = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
+    train = read_pickle(workspace / "work" / "smoke" / "prepared" / "train.pkl")
+    test = read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
     assert len(train) == 12 and len(test) == 12
     assert sorted(test.seq_length.unique()) == [107, 130]
     first = train.iloc[0]
@@ -135,7 +136,7 @@ def test_good_input_is_copied_normalized_and_then_skipped(tiny_data_dir, tmp_pat
 
 def test_smoke_slice_of_real_data_keeps_both_test_lengths(data_dir, tmp_path):
     assert run_stage00(data_dir, tmp_path / "ws") == 0
-    test = pd.read_pickle(tmp_path / "ws" / "work" / "smoke" / "prepared" / "test.pkl")
+    test = read_pickle(tmp_path / "ws" / "work" / "smoke" / "prepared" / "test.pkl")
     assert len(test) == 20 and test.seq_length.value_counts().to_dict() == {107: 10, 130: 10}
 
 

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import isolated, run_script
+from conftest import run_all, run_script
 
 from nucleic.config import load_config
+from nucleic.io_utils import read_pickle
 from nucleic.structures import StructureStore
 
 STAGES = ("00_prepare_input", "01_fold_structures", "02_pretrain", "03_train_folds", "04_pseudo_label",
@@ -18,22 +19,9 @@ STAGES = ("00_prepare_input", "01_fold_structures", "02_pretrain", "03_train_fol
 pytestmark = pytest.mark.slow  # minute-long: a smoke pipeline per module
 
 
-def run_all(workspace, *args):
-    return run_script(["bash", "run_all.sh", "--preset", "smoke", *isolated(workspace), *args],
-                      env={"NT_LOG_DIR": str(workspace / "logs")}, timeout=1200)
-
-
 def status(stdout: str) -> dict[str, str]:
     summary = stdout.split("==> summary")[1]
     return {line.split()[0]: line.split()[1] for line in summary.splitlines() if line.strip()[:2].isdigit()}
-
-
-@pytest.fixture(scope="module")
-def smoke_run(data_dir, tmp_path_factory):
-    workspace = tmp_path_factory.mktemp("run_all")
-    result = run_all(workspace, "--data-dir", str(data_dir))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return workspace, result
 
 
 def test_help_lists_stages_and_presets():
@@ -53,8 +41,8 @@ def test_smoke_pipeline_runs_every_stage(smoke_run):
     for stage in ("03_train_folds", "06_predict"):  # stage 04's other depth model, through the runner
         manifest = json.loads((workspace / "work" / "smoke" / "manifests" / f"{stage}.nt_k1.json").read_text())
         assert manifest["config"]["model"]["nlayer"] == 1 and manifest["outputs"]
-    train = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "train.pkl")
-    test = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
+    train = read_pickle(workspace / "work" / "smoke" / "prepared" / "train.pkl")
+    test = read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
     sequences = list(train.sequence) + list(test.sequence)
     cfg = load_config("smoke", overrides=[f"paths.structures={workspace / 'structures'}"])
     store = StructureStore(workspace / "structures", cfg.fold)
@@ -67,7 +55,7 @@ def test_pseudo_labels_are_per_fold_teacher_moments(smoke_run):
     from nucleic.semi_supervised import combine_teachers
 
     workspace, _ = smoke_run
-    test = pd.read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
+    test = read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl")
     labels = pd.read_csv(workspace / "oof" / "pseudo_labels.csv")
     assert list(labels.id_seqpos) == [f"{i}_{p}" for i in test.id for p in range(91)]
     assert np.isfinite(labels.iloc[:, 1:].to_numpy()).all()
@@ -75,13 +63,13 @@ def test_pseudo_labels_are_per_fold_teacher_moments(smoke_run):
     assert report["models"] == ["nt_k1", "nt"] and report["depths"] == [1, 2] and report["folds"] == 3
     models = workspace / "work" / "smoke" / "models"
     for fold in range(3):
-        per_fold = pd.read_pickle(workspace / "work" / "smoke" / "pseudo_labels" / f"fold{fold}.pkl")
+        per_fold = read_pickle(workspace / "work" / "smoke" / "pseudo_labels" / f"fold{fold}.pkl")
         assert sorted(per_fold) == list(range(len(test)))
         assert all(per_fold[i].shape == (2, 91, 5) and (per_fold[i][1] > 0).all() for i in per_fold)
-        teachers = [pd.read_pickle(models / m / f"fold{fold}" / "test_moments.pkl") for m in ("nt_k1", "nt")]
+        teachers = [read_pickle(models / m / f"fold{fold}" / "test_moments.pkl") for m in ("nt_k1", "nt")]
         expected = combine_teachers(teachers, 91)
         assert all(np.allclose(per_fold[i], expected[i]) for i in per_fold)
-        other = combine_teachers([pd.read_pickle(models / m / f"fold{(fold + 1) % 3}" / "test_moments.pkl")
+        other = combine_teachers([read_pickle(models / m / f"fold{(fold + 1) % 3}" / "test_moments.pkl")
                                   for m in ("nt_k1", "nt")], 91)
         assert not np.allclose(per_fold[0], other[0])
 

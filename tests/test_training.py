@@ -16,6 +16,8 @@ import pytest
 import torch
 from conftest import REPO, isolated, load_kernel
 
+from nucleic.io_utils import read_pickle
+
 pytestmark = pytest.mark.slow  # minute-long: a smoke pipeline per module
 
 
@@ -55,7 +57,7 @@ def trained_workspace(folded_workspace, tmp_path_factory):
 def test_training_lowers_the_loss_and_writes_oof(trained_workspace):
     fold_dir = trained_workspace / "work" / "smoke" / "models" / "nt"
     for fold in range(3):
-        history = pd.read_pickle(fold_dir / f"fold{fold}" / "result.pkl")["history"]
+        history = read_pickle(fold_dir / f"fold{fold}" / "result.pkl")["history"]
         assert len(history) == 3
         assert history[-1]["train_loss"] < history[0]["train_loss"]
     oof = pd.read_csv(trained_workspace / "oof" / "nt.csv")
@@ -79,7 +81,7 @@ def test_fold_model_is_the_average_of_its_best_epochs(trained_workspace):
     for fold in range(3):
         fold_dir = trained_workspace / "work" / "smoke" / "models" / "nt" / f"fold{fold}"
         state = torch.load(fold_dir / "last.pt", weights_only=False)["state"]
-        result = pd.read_pickle(fold_dir / "result.pkl")
+        result = read_pickle(fold_dir / "result.pkl")
         ranked = sorted((h["mcrmse_scored"], h["epoch"]) for h in state["history"] if "mcrmse_scored" in h)
         assert [e for _, e in sorted(state["top"])] == [e for _, e in ranked[:2]]
         assert sorted(p.name for p in (fold_dir / "top").iterdir()) == sorted(f"epoch{e}.pt" for _, e in ranked[:2])
@@ -150,7 +152,7 @@ def predicted_workspace(trained_workspace):
 
 def test_predict_writes_a_checked_submission(predicted_workspace):
     submission = pd.read_csv(predicted_workspace / "submissions" / "nt.csv")
-    test = pd.read_pickle(predicted_workspace / "work" / "smoke" / "prepared" / "test.pkl")
+    test = read_pickle(predicted_workspace / "work" / "smoke" / "prepared" / "test.pkl")
     assert len(submission) == test.seq_length.sum() == 10 * 107 + 10 * 130
     assert submission.iloc[:, 1:].notna().all().all()
 

@@ -14,7 +14,7 @@ from .classify import encode_sequences, fit_classifier, predict_proba, save_clas
 from .config import Config, Paths
 from .dna_data import read_mirna, read_promoter, read_viral
 from .engine import configure_threads, resolve_device
-from .io_utils import read_pickle, write_csv, write_json, write_pickle
+from .io_utils import read_cache, write_csv, write_json, write_pickle
 from .metrics import binary_classification_metrics
 from .stage import artifact_meta, claim_work_dir
 
@@ -42,7 +42,8 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
     per_fold, histories, motifs = [], [], collections.Counter()
     for fold, (train_idx, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
         cache = work / f"fold{fold}.pkl"
-        if not cache.exists():
+        result = read_cache(cache)
+        if result is None:
             model, history = fit_classifier(task_cfg.model, task_cfg[task_cfg.model], task_cfg, tokens[train_idx],
                                             labels[train_idx], tokens[val_idx], labels[val_idx],
                                             cfg.seed + fold, device, run_dir=work / f"fold{fold}", desc=f"fold {fold}")
@@ -50,8 +51,8 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
             found = (attention_motifs(model, tokens[val_idx], labels[val_idx], probs, frame.sequence.iloc[val_idx])
                      if task_cfg.model == "nt" else {})
             save_classifier(cache.with_suffix(".pt"), task_cfg.model, task_cfg[task_cfg.model], tokens.shape[1], model)
-            write_pickle(cache, {"probs": probs, "history": history, "motifs": dict(found)})
-        result = read_pickle(cache)
+            result = {"probs": probs, "history": history, "motifs": dict(found)}
+            write_pickle(cache, result)
         folds[val_idx], probabilities[val_idx] = fold, result["probs"]
         per_fold.append({"fold": fold, **binary_classification_metrics(labels[val_idx], result["probs"])})
         histories.append(result["history"])
@@ -133,7 +134,8 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
                   cache: Path, device) -> dict:
     """Train `kind` on train_idx, score test_idx; cached. With val_idx, the epoch with the best
     validation AUC is kept; without (None), the last epoch (the test set then only draws the curves)."""
-    if not cache.exists():
+    result = read_cache(cache)
+    if result is None:
         labels = frame.label.to_numpy()
         if kind == "rf":
             probs, history = _random_forest(cfg, task_cfg, frame, train_idx, test_idx), []
@@ -146,8 +148,8 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
                                             select_best=val_idx is not None)
             probs = predict_proba(model, tokens[test_idx], device, 256)
             save_classifier(cache.with_suffix(".pt"), kind, task_cfg[kind], tokens.shape[1], model)
-        write_pickle(cache, {"probs": probs, "history": history})
-    result = read_pickle(cache)
+        result = {"probs": probs, "history": history}
+        write_pickle(cache, result)
     return {**result, "metrics": binary_classification_metrics(frame.label.to_numpy()[test_idx], result["probs"])}
 
 

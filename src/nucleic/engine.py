@@ -23,7 +23,7 @@ import torch
 from ranger_adabelief import RangerAdaBelief
 from tqdm.auto import tqdm
 
-from .io_utils import atomic_path
+from .io_utils import DamagedFile, atomic_path, check_zip
 
 # ---------------------------------------------------------------------------------------------- device
 
@@ -161,8 +161,15 @@ def save_checkpoint(path: Path, obj) -> None:
         torch.save(obj, tmp)
 
 
+def read_checkpoint(path: Path, device: torch.device, weights_only: bool = True) -> dict:
+    """A checkpoint this project wrote, after its CRC-32 check (torch.load itself checks none): DamagedFile
+    when truncated or altered."""
+    check_zip(path)
+    return torch.load(path, map_location=device, weights_only=weights_only)
+
+
 def load_checkpoint(path: Path, device: torch.device) -> dict:
-    """A checkpoint written by this project, loaded safely (weights_only: tensors and plain data only).
+    """A checkpoint given by the user, loaded safely (weights_only: tensors and plain data only).
     A missing file, or one that is not such a checkpoint, is one InputError line."""
     from .stage import InputError
 
@@ -170,7 +177,9 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = read_checkpoint(path, device)
+    except DamagedFile as err:
+        raise InputError(path, f"not a checkpoint of this project, or a damaged one ({err.why[:120]})") from None
     except Exception as err:  # torch raises many kinds (pickle, zip, runtime) for a file that is no checkpoint
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(path, f"not a checkpoint of this project ({first[:120]})") from None
@@ -181,7 +190,7 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
 
 def average_weights(paths: list[Path], device: torch.device) -> dict:
     """Element-wise mean of the model weights stored in `paths` (integer buffers from the first)."""
-    states = [torch.load(p, map_location=device, weights_only=True)["model"] for p in paths]
+    states = [read_checkpoint(p, device)["model"] for p in paths]
     averaged = {}
     for key, first in states[0].items():
         averaged[key] = (torch.stack([s[key].float() for s in states]).mean(dim=0).to(first.dtype)
@@ -220,7 +229,11 @@ class Trainer:
         """Load last.pt when there is one (model, optimizer, scheduler, history and checkpoint state)."""
         if not self.last_path.exists():
             return False
-        checkpoint = torch.load(self.last_path, map_location=self.device, weights_only=False)
+        try:
+            checkpoint = read_checkpoint(self.last_path, self.device, weights_only=False)
+        except DamagedFile as err:
+            print(f"{err}: starting {self.name} over", flush=True)
+            return False
         if not {"model", "optimizer", "scheduler", "state"} <= set(checkpoint):
             print(f"{self.last_path}: written by an older version of this code; starting over", flush=True)
             return False
@@ -276,7 +289,7 @@ class Trainer:
                   "best_single_score": self.sign * state["best_score"] if self.select else None}
         if not self.select or not self.best_path.exists():
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}, record
-        best = torch.load(self.best_path, map_location=self.device, weights_only=True)["model"]
+        best = read_checkpoint(self.best_path, self.device)["model"]
         top = sorted(state.get("top", []))
         if len(top) < 2 or evaluate is None:
             return best, record

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .config import Config, Paths
 from .data import SCORED_COLUMNS, TARGETS
 from .dataset import load_rna_tensors
-from .engine import configure_threads, resolve_device
-from .io_utils import read_pickle, write_csv, write_json, write_pickle
+from .engine import configure_threads, read_checkpoint, resolve_device
+from .io_utils import read_cache, read_pickle, write_csv, write_json, write_pickle
 from .metrics import columnwise_rmse
 from .stage import InputError, artifact_meta, claim_work_dir
 from .structures import StructureStore
@@ -129,10 +128,11 @@ def write_training_outputs(cfg: Config, data, frame: pd.DataFrame, results: list
     plot_oof_error(figures[1], name, data, oof, frame)
     model = build_model(cfg.model).to(device)
     fold0 = final_model_path(model_dir(cfg) / "fold0")
-    model.load_state_dict(torch.load(fold0, map_location=device, weights_only=True)["model"])
+    model.load_state_dict(read_checkpoint(fold0, device)["model"])
     plot_attention(figures[2], model, data, int(results[0]["val_idx"][0]), device)
     summary = {"oof_mcrmse_scored": round(cv["mcrmse_scored"], 5), "oof_mcrmse_all5": round(cv["mcrmse_all5"], 5)}
-    return [oof_csv, cv_json, paths.oof / "folds.csv", *figures], summary
+    fold_files = [model_dir(cfg) / f"fold{r['fold']}" / name for r in results for name in ("model.pt", "result.pkl")]
+    return [oof_csv, cv_json, paths.oof / "folds.csv", *figures, *fold_files], summary
 
 
 def cv_report(data, oof: dict, results: list[dict], frame: pd.DataFrame) -> dict:
@@ -164,11 +164,12 @@ def fold_test_moments(cfg: Config, fold: int, data, device, force: bool = False)
     fold `fold`'s model, cached in its folder (test_moments.pkl)."""
     fold_dir = model_dir(cfg) / f"fold{fold}"
     cache = fold_dir / "test_moments.pkl"
-    if cache.exists() and not force:
-        return read_pickle(cache)
+    cached = None if force else read_cache(cache)
+    if cached is not None:
+        return cached
     tc = cfg.train
     model = build_model(cfg.model).to(device)
-    model.load_state_dict(torch.load(final_model_path(fold_dir), map_location=device, weights_only=True)["model"])
+    model.load_state_dict(read_checkpoint(final_model_path(fold_dir), device)["model"])
     moments = predict(model, data, np.arange(len(data)), device, tc.eval_batch_size, tc.bf16, tc.channels_last,
                       desc=f"test fold {fold}", moments=True)
     write_pickle(cache, moments)

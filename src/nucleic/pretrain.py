@@ -22,6 +22,7 @@ from .engine import (
     configure_threads,
     flat_then_cosine,
     make_optimizer,
+    read_checkpoint,
     resolve_device,
     save_checkpoint,
     seed_torch,
@@ -29,7 +30,7 @@ from .engine import (
 from .features import LOOP_TOKENS, NULL_TOKEN, SEQUENCE_TOKENS, STRUCTURE_TOKENS
 from .io_utils import read_pickle, write_json
 from .models.nucleic_transformer import NucleicTransformer
-from .stage import InputError, artifact_meta
+from .stage import InputError, artifact_meta, claim_work_dir
 from .structures import StructureStore
 from .train import build_model
 
@@ -114,13 +115,10 @@ def run_pretraining(cfg: Config, force: bool = False) -> tuple[list[Path], dict]
     frame = pd.DataFrame({"id": [f"seq{i}" for i in range(len(sequences))], "sequence": sequences,
                           "seq_scored": [len(s) for s in sequences]})
     data = load_rna_tensors(frame, store)
-    work_dir = pretrain_checkpoint(cfg).parent / cfg.model.name
-    if force and work_dir.exists():
-        import shutil
-        shutil.rmtree(work_dir)
+    work_dir = claim_work_dir(pretrain_checkpoint(cfg).parent / cfg.model.name, pretrain_settings(cfg), force)
     history = pretrain_loop(cfg, data, work_dir, device)
     output = pretrain_checkpoint(cfg)
-    encoder = torch.load(work_dir / "last.pt", map_location="cpu", weights_only=False)["model"]
+    encoder = read_checkpoint(work_dir / "last.pt", torch.device("cpu"), weights_only=False)["model"]
     save_checkpoint(output, {"model": {k.removeprefix("model."): v for k, v in encoder.items() if k.startswith("model.")},
                    "settings": pretrain_settings(cfg)})
     figure = paths.figures / f"{cfg.model.name}_pretraining.png"

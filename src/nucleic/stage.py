@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .config import Config, ConfigError, Paths, config_hash, git_commit, load_config, parse_stage_args
-from .io_utils import write_json
+from .io_utils import DamagedFile, intact, write_json
 
 
 class InputError(Exception):
@@ -73,16 +73,21 @@ def read_manifest(cfg: Config, stage: str) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
+def outputs_intact(manifest: dict) -> bool:
+    """Every output the manifest lists exists and passes its checksum (pickles, checkpoints); a
+    damaged one is said and removed, so the stage redoes it (and only what depends on it)."""
+    return all([intact(p) for p in manifest.get("outputs", [])])  # a list: check (and remove) every one
+
+
 def is_complete(cfg: Config, stage: str, key: dict) -> bool:
     manifest = read_manifest(cfg, stage)
-    return (manifest is not None and manifest.get("key_hash") == config_hash(key)
-            and all(Path(p).exists() for p in manifest.get("outputs", [])))
+    return manifest is not None and manifest.get("key_hash") == config_hash(key) and outputs_intact(manifest)
 
 
 def recorded_complete(cfg: Config, stage: str) -> bool:
-    """The stage has a manifest and all its outputs exist (whatever its key was)."""
+    """The stage has a manifest and all its outputs are intact (whatever its key was)."""
     manifest = read_manifest(cfg, stage)
-    return manifest is not None and all(Path(p).exists() for p in manifest.get("outputs", []))
+    return manifest is not None and outputs_intact(manifest)
 
 
 def write_manifest(cfg: Config, stage: str, key: dict, outputs: list, elapsed_s: float, summary: dict) -> None:
@@ -98,9 +103,10 @@ def ensure_stage(cfg: Config, name: str, key_fn: Callable[[Config], dict],
     """Another stage's work that this stage needs (e.g. stage 04's depth models: stage 03 and 06 for
     another model), through the runner: skipped when its manifest `name` is complete, else run and
     recorded under that name, so every artifact has a manifest."""
-    from .pipeline import Stage
+    from .pipeline import Stage, stages
 
-    stage = Stage(name, key_fn, run_fn)
+    declared = stages()[name.split(".")[0]]  # e.g. 03_train_folds for 03_train_folds.nt_k1
+    stage = Stage(name, key_fn, run_fn, declared.upstream)  # the same key as the runner's for that stage
     key = stage_key(cfg, stage)
     if not up_to_date(cfg, stage, key):
         execute(cfg, stage, False, key)
@@ -116,7 +122,8 @@ def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
         reason = "--force" if force else ("trained with other settings" if found else "not stamped")
         print(f"{folder}: {reason}; retraining from scratch", flush=True)
         shutil.rmtree(folder)
-    write_json(stamp, {"hash": wanted, **settings})
+    if not stamp.exists() or found != wanted or force:
+        write_json(stamp, {"hash": wanted, **settings})
     return folder
 
 
@@ -159,6 +166,12 @@ class RunLocked(Exception):
     pass
 
 
+def remove_temporaries(folder: Path) -> None:
+    """Temporary files of atomic writes that a killed run left in the (locked) work folder."""
+    for stale in folder.rglob(".*.tmp") if folder.exists() else ():
+        stale.unlink(missing_ok=True)
+
+
 # The file system refused a write: no space, no permission, read-only. Not a bug: one line, exit 2.
 WRITE_FAILURES = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
 
@@ -183,6 +196,8 @@ def up_to_date(cfg: Config, stage, key: dict) -> bool:
 def execute(cfg: Config, stage, force: bool, key: dict | None = None) -> tuple[float, dict]:
     """Run the stage and record its manifest under `key` (default: stage_key now); (seconds, summary)."""
     key = stage_key(cfg, stage) if key is None else key
+    if force:  # redone from scratch: not complete until it finishes again, even if stopped half-way
+        manifest_path(cfg, stage.name).unlink(missing_ok=True)
     start = time.time()
     outputs, summary = stage.run(cfg, force)
     elapsed = time.time() - start
@@ -221,6 +236,7 @@ def run_stage(name: str, description: str, argv: list[str] | None = None) -> int
         registry = stages()
         stage = registry[name]
         with run_lock(cfg):
+            remove_temporaries(Paths(cfg).run)
             bring_upstream_up_to_date(cfg, stage, registry, set())
             key = stage_key(cfg, stage)
             if not args.force and up_to_date(cfg, stage, key):
@@ -231,6 +247,10 @@ def run_stage(name: str, description: str, argv: list[str] | None = None) -> int
         return 0
     except (InputError, ConfigError, RunLocked) as err:
         print(f"ERROR [{name}] {err}", file=sys.stderr)
+        return 2
+    except DamagedFile as err:
+        err.path.unlink(missing_ok=True)
+        print(f"ERROR [{name}] {err}: removed; run again to have it redone", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno not in WRITE_FAILURES:

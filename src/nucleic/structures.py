@@ -177,7 +177,7 @@ def _fold_settings(cfg) -> dict:
 def fold_key(cfg) -> dict:
     sequences, _ = prepared_sequences(cfg)
     digest = hashlib.sha1("\n".join(sequences).encode()).hexdigest()
-    return {"fold": _fold_settings(cfg), "sequences_sha1": digest, "structures": str(cfg.paths.structures)}
+    return {"fold": _fold_settings(cfg), "sequences_sha1": digest}  # the folder's contents: structures_complete
 
 
 def structures_complete(cfg) -> bool:

@@ -10,8 +10,17 @@ from tqdm.auto import tqdm
 
 from .data import SCORED_COLUMNS
 from .dataset import RNATensors, collate, length_batches
-from .engine import Trainer, autocast, epoch_seed, flat_then_cosine, make_optimizer, save_checkpoint, seed_torch
-from .io_utils import read_pickle, write_pickle
+from .engine import (
+    Trainer,
+    autocast,
+    epoch_seed,
+    flat_then_cosine,
+    make_optimizer,
+    read_checkpoint,
+    save_checkpoint,
+    seed_torch,
+)
+from .io_utils import intact, read_cache, write_pickle
 from .losses import error_weighted_mse
 from .metrics import mcrmse
 from .models.nucleic_transformer import NTConfig, NucleicTransformer
@@ -86,13 +95,14 @@ def train_fold(cfg, data: RNATensors, fold: int, train_idx: np.ndarray, val_idx:
     """Train one fold; resumes from fold_dir/last.pt. Returns the fold record (also fold_dir/result.pkl).
     sampled=(pool, count): every epoch also trains on `count` rows drawn from `pool` (e.g. pseudo-labels)."""
     result_path = fold_dir / "result.pkl"
-    if result_path.exists():
-        return read_pickle(result_path)
+    result = read_cache(result_path)
+    if result is not None and intact(final_model_path(fold_dir)):
+        return result  # else resume: the finished run's last.pt makes the missing pieces again
     tc = cfg.train
     torch.manual_seed(epoch_seed(cfg.seed, fold, 0) + 1)  # initial weights
     model = build_model(cfg.model).to(device)
     if init_weights is not None:
-        model.load_state_dict(torch.load(init_weights, map_location=device, weights_only=True)["model"])
+        model.load_state_dict(read_checkpoint(init_weights, device)["model"])
     optimizer = make_optimizer(model, tc)
     first_epoch = epoch_rows(train_idx, sampled, np.random.default_rng(epoch_seed(cfg.seed, fold, 0)))
     steps_per_epoch = len(length_batches(data.batch_groups, first_epoch, tc.batch_size))

@@ -1,0 +1,44 @@
+"""Run a kernel and SIGKILL it at a reproducible point: right after its N-th atomic artifact write (the
+rename of a `*.tmp` onto its target), or, with --in-write, in place of that rename, so the finished
+temporary file is left behind as by a kill mid-write. N=0 never kills and lists the writes.
+
+usage: python tests/kill_after_writes.py [--in-write] N kernels/NN_stage.py [stage options]
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    in_write = args[0] == "--in-write"
+    if in_write:
+        args = args[1:]
+    kill_at, kernel, stage_args = int(args[0]), args[1], args[2:]
+    rename = os.replace
+    writes = 0
+
+    def replace_then_maybe_die(src, dst, *rest, **options):
+        nonlocal writes
+        if not str(src).endswith(".tmp"):
+            return rename(src, dst, *rest, **options)
+        writes += 1
+        if kill_at == 0:
+            print(f"artifact write {writes}: {dst}", file=sys.stderr)
+        if writes == kill_at and in_write:
+            os.kill(os.getpid(), signal.SIGKILL)
+        rename(src, dst, *rest, **options)
+        if writes == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.replace = replace_then_maybe_die
+    sys.argv = [kernel, *stage_args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(kernel)))
+    runpy.run_path(kernel, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
