@@ -36,7 +36,6 @@ def main() -> None:
 
     os.replace = replace_then_maybe_die
     sys.argv = [kernel, *stage_args]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(kernel)))
     runpy.run_path(kernel, run_name="__main__")
 
 
