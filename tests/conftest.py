@@ -12,18 +12,37 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def find_data_dir() -> Path:
-    """$NT_DATA_DIR, else ../shared/data beside the checkout, else input/."""
+def find_data_dir() -> Path | None:
+    """The real data bundle: $NT_DATA_DIR, else ../shared/data beside the checkout, else input/ (or None)."""
     candidates = [os.environ.get("NT_DATA_DIR"), REPO.parent / "shared" / "data", REPO / "input"]
     for candidate in filter(None, candidates):
         if (Path(candidate) / "openvaccine" / "train.json").exists():
             return Path(candidate)
-    pytest.fail("no OpenVaccine data: set NT_DATA_DIR to the data bundle (see README)")
+    return None
+
+
+def pytest_report_header(config) -> str:
+    found = find_data_dir()
+    if found:
+        return f"data: the real bundle at {found} (tests on real slices run too)"
+    return "data: no bundle found (NT_DATA_DIR, ../shared/data, input/): tests run on a generated one"
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    return find_data_dir()
+def real_data_dir() -> Path:
+    """The real bundle, for tests of facts about the real files; skipped (with the reason) without it."""
+    found = find_data_dir()
+    if found is None:
+        pytest.skip("needs the real data bundle (set NT_DATA_DIR; see README): checks facts of the real files")
+    return found
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The real bundle when it is at hand, else a small generated one in the same layout."""
+    from synthetic_data import write_synthetic_bundle
+
+    return find_data_dir() or write_synthetic_bundle(tmp_path_factory.mktemp("generated_data"))
 
 
 def read_rows(data_dir: Path, split: str, n: int | None = None) -> list[dict]:
