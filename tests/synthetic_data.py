@@ -41,7 +41,8 @@ def openvaccine_row(rng: np.random.Generator, number: int, length: int, scored: 
         for target in TARGETS:
             mean = 0.2 + 0.6 * unpaired
             row[target] = np.round(rng.gamma(2.0, mean / 2.0), 4).tolist()
-            row[f"{target}_error"] = np.round(rng.uniform(0.03, 0.3, scored), 4).tolist()
+            error = target.replace("deg_", "deg_error_") if target.startswith("deg_") else f"{target}_error"
+            row[error] = np.round(rng.uniform(0.03, 0.3, scored), 4).tolist()
     return row
 
 

@@ -10,13 +10,13 @@ from nucleic.metrics import binary_classification_metrics
 from nucleic.stage import InputError
 
 
-def test_real_files(data_dir):
-    promoter = read_promoter(data_dir / "promoter" / "v9d3.csv")
+def test_real_files(real_data_dir):
+    promoter = read_promoter(real_data_dir / "promoter" / "v9d3.csv")
     assert len(promoter) == 5720 and promoter.label.sum() == 2860
     assert set("".join(promoter.sequence)) == set("ACGT") and (promoter.sequence.str.len() == 81).all()
-    viral = read_viral(data_dir / "viral")
+    viral = read_viral(real_data_dir / "viral")
     assert len(viral) == 25913 and viral.label.sum() == 519 and viral.group.nunique() == 7
-    mirna = read_mirna(data_dir / "mirna")
+    mirna = read_mirna(real_data_dir / "mirna")
     assert len(mirna) == 1124 and mirna.label.sum() == 216 + 201
     assert "U" not in "".join(mirna.sequence)
 

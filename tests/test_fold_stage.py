@@ -90,7 +90,8 @@ def test_unreadable_shard_is_refolded(tiny_data_dir, tmp_path):
     prepared_workspace(tiny_data_dir, workspace)
     subprocess.run(fold_command(workspace), cwd=REPO, check=True, capture_output=True)
     store = store_for(workspace)
-    sequences = list(read_pickle(workspace / "work" / "smoke" / "prepared" / "test.pkl").sequence)
+    prepared = workspace / "work" / "smoke" / "prepared"
+    sequences = [s for split in ("train", "test") for s in read_pickle(prepared / f"{split}.pkl").sequence]
     victim = shard_files(workspace)[5]
     original = read_npz(victim)
     victim.write_bytes(b"not a zip file")

@@ -38,10 +38,10 @@ def test_unbalanced_structures_raise(structure, message):
         pair_table(structure)
 
 
-def test_reproduces_competition_loop_types_on_all_train_and_test(data_dir):
+def test_reproduces_competition_loop_types_on_all_train_and_test(real_data_dir):
     """Measured: 100 % of positions outside exterior loops between helices; there the competition
     says X at 24,254 and M at 7,811 positions (1.14 % of all); we choose X, the majority."""
-    rows = read_rows(data_dir, "train") + read_rows(data_dir, "test")
+    rows = read_rows(real_data_dir, "train") + read_rows(real_data_dir, "test")
     assert len(rows) == 5731
     mismatches = collections.Counter()
     between_helices = collections.Counter()
