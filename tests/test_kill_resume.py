@@ -69,12 +69,10 @@ def results(workspace) -> dict:
 
 
 def stage_run(workspace, stage, *options, kill_at: int | None = None, in_write: bool = False):
-    prefix = [sys.executable, str(REPO / "tests" / "kill_after_writes.py")]
+    command = [sys.executable]
     if kill_at is not None:
-        prefix += ["--in-write"] * in_write + [str(kill_at)]
-    command = (prefix if kill_at is not None else [sys.executable]) + [kernel(stage), "--preset", "smoke",
-                                                                      *isolated(workspace), *options]
-    return run_script(command, timeout=600)
+        command += [str(REPO / "tests" / "kill_after_writes.py"), *["--in-write"] * in_write, str(kill_at)]
+    return run_script(command + [kernel(stage), "--preset", "smoke", *isolated(workspace), *options], timeout=600)
 
 
 COPIED_FROM: dict[str, str] = {}

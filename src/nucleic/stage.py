@@ -122,7 +122,7 @@ def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
         reason = "--force" if force else ("trained with other settings" if found else "not stamped")
         print(f"{folder}: {reason}; retraining from scratch", flush=True)
         shutil.rmtree(folder)
-    if not stamp.exists() or found != wanted or force:
+    if not stamp.exists() or found != wanted:  # (removed above when forced)
         write_json(stamp, {"hash": wanted, **settings})
     return folder
 
