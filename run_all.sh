@@ -71,15 +71,24 @@ if command -v flock >/dev/null 2>&1; then
   export NT_RUN_LOCK="$lock"
 fi
 
-log_dir=${NT_LOG_DIR:-work/$preset/logs}
-mkdir -p "$log_dir"
-started=$(date +%s)
-report=()
+selected=()
 running=$([ -z "$from_stage" ] && echo yes || echo no)
 for stage in "${stages[@]}"; do
   [ "$stage" = "$from_stage" ] && running=yes
   [ "$running" = yes ] || continue
   [ -n "$only_stage" ] && [ "$stage" != "$only_stage" ] && continue
+  selected+=("$stage")
+done
+
+# Data the selected stages need and the data folder / input/ lack: fetched first (Kaggle API, public
+# sources, checksummed), or one line saying what to put where.
+"$PY" -m nucleic.download --preset "$preset" "${stage_args[@]}" "${selected[@]}" || exit 2
+
+log_dir=${NT_LOG_DIR:-work/$preset/logs}
+mkdir -p "$log_dir"
+started=$(date +%s)
+report=()
+for stage in "${selected[@]}"; do
   log="$log_dir/$stage.log"
   echo "==> $stage (preset $preset, log $log)"
   t0=$(date +%s)

@@ -112,9 +112,14 @@ def test_rerun_skips_and_resumes_only_what_is_missing(smoke_run, data_dir):
     assert only.returncode == 0 and status(only.stdout) == {"01_fold_structures": "done"}
 
 
-def test_failing_stage_is_named_and_stops_the_run(tmp_path):
-    (tmp_path / "nothing").mkdir()
-    result = run_all(tmp_path / "ws", "--data-dir", str(tmp_path / "nothing"))
+def test_failing_stage_is_named_and_stops_the_run(tmp_path, data_dir):
+    broken = tmp_path / "broken"
+    (broken / "openvaccine").mkdir(parents=True)
+    (broken / "openvaccine" / "train.json").write_text('{"id": "id_1", "sequence": \n')
+    (broken / "openvaccine" / "test.json").write_bytes((data_dir / "openvaccine" / "test.json").read_bytes())
+    for task in ("promoter", "viral", "mirna"):  # present, so nothing is fetched
+        (broken / task).symlink_to(data_dir / task)
+    result = run_all(tmp_path / "ws", "--data-dir", str(broken))
     assert result.returncode == 2
     assert "stage 00_prepare_input FAILED" in result.stderr
     assert "01_fold_structures" not in result.stdout

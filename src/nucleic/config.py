@@ -82,7 +82,8 @@ def _parse_override(text: str) -> dict:
 # Every value is checked against its default's type when the config loads, before any stage touches a
 # file. Keys whose default (null, or one of two kinds) does not tell the type say it here; "?" = or null.
 KINDS = {
-    "data.max_train": "int?", "data.max_test": "int?",
+    "data.max_train": "int?", "data.max_test": "int?", "download.mirror": "str?",
+    "download.kaggle_command": "str?", "download.min_signal_to_noise": "number?", "download.timeout_s": "number",
     "train.grad_clip": "number?", "pretrain.grad_clip": "number?", "train.init_weights": "str?", "train.val_structures": "int?",
     "train.column_weights": "list?", "train.bf16": "bool|auto",
     "*.pos_weight": "number|balanced", "*.negatives_per_positive": "number?", "*.max_rows": "int?",

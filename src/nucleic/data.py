@@ -58,8 +58,18 @@ def locate_openvaccine(data_dir: Path) -> dict[str, tuple[Path, str | None]]:
         return found
     raise InputError(data_dir, "no OpenVaccine data: expected openvaccine/train.json, "
                      f"{KAGGLE_NAME}/train.json, train.json or {KAGGLE_NAME}.zip "
-                     "(set --data-dir or NT_DATA_DIR, or download: kaggle competitions download -c "
-                     f"{KAGGLE_NAME})")
+                     "(set --data-dir or NT_DATA_DIR, or fetch it: python -m nucleic.download openvaccine)")
+
+
+def find_openvaccine(cfg: Config) -> dict[str, tuple[Path, str | None]]:
+    """locate_openvaccine in the data folder, else in input/ (where the downloader writes)."""
+    try:
+        return locate_openvaccine(Path(cfg.data_dir))
+    except InputError:
+        fallback = Paths(cfg).input
+        if fallback.resolve() == Path(cfg.data_dir).resolve() or not (fallback / "openvaccine").is_dir():
+            raise
+        return locate_openvaccine(fallback)
 
 
 def read_source_bytes(source: tuple[Path, str | None]) -> bytes:
@@ -221,7 +231,7 @@ def prepare_key(cfg: Config) -> dict:
     """What stage 00's outputs depend on: the raw files' content, the data settings, and the files of the
     classification folders it copies (names and sizes: a folder that appears later makes it redo)."""
     data_dir = Path(cfg.data_dir)
-    sources = locate_openvaccine(data_dir)
+    sources = find_openvaccine(cfg)
     digests = {split: hashlib.sha1(read_source_bytes(src)).hexdigest() for split, src in sources.items()}
     tasks = {task: sorted([f.name, f.stat().st_size] for f in (data_dir / task).iterdir() if f.is_file())
              for task in OTHER_TASKS if (data_dir / task).is_dir()}
@@ -231,7 +241,7 @@ def prepare_key(cfg: Config) -> dict:
 def prepare_input(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     paths = Paths(cfg)
     data_dir = Path(cfg.data_dir)
-    sources = locate_openvaccine(data_dir)
+    sources = find_openvaccine(cfg)
     frames = {split: load_split(src, split) for split, src in sources.items()}  # all checks first
     outputs = _copy_raw_inputs(sources, data_dir, paths.input)
     summary = {}
