@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import isolated, load_kernel
 
 from nucleic.classify import balanced_pos_weight, encode_sequences, epoch_indices, kmer_frequencies, mutate
+from nucleic.dna_tasks import box_frequencies, closest_box
 from nucleic.models.classifiers import DanQ, NTClassifier, NucleotideCNN
 
 
@@ -92,9 +94,13 @@ def test_smoke_promoter_stage_writes_metrics_and_motifs(data_dir, tmp_path):
     assert {"accuracy", "mcc", "sensitivity", "specificity", "per_fold", "model", "config"} <= set(metrics)
     assert len(metrics["per_fold"]) == 5 and metrics["model"] == "nt" and 0 <= metrics["accuracy"] <= 1
     assert metrics["accuracy"] == pytest.approx(np.mean([f["accuracy"] for f in metrics["per_fold"]]))
-    motifs = (workspace / "oof" / "promoter_motifs.csv").read_text().splitlines()
-    assert motifs[0] == "kmer,count" and len(motifs[1].split(",")[0]) == 7
-    for figure in ("promoter_learning_curves.png", "promoter_confusion.png", "promoter_motifs.png"):
+    motifs = pd.read_csv(workspace / "oof" / "promoter_motifs.csv")
+    assert list(motifs.columns) == ["kmer", "count", "box", "mismatches"] and len(motifs.kmer[0]) == 7
+    assert all(closest_box(k) == (b, m) for k, b, m in zip(motifs.kmer, motifs.box, motifs.mismatches))
+    boxes = pd.read_csv(workspace / "oof" / "promoter_boxes.csv")
+    assert set(boxes.box) == {"TATAAT", "TTGACA"} and (boxes.promoters.between(0, 1)).all()
+    for figure in ("promoter_learning_curves.png", "promoter_confusion.png", "promoter_motifs.png",
+                   "promoter_roc_pr.png"):
         assert (workspace / "figures" / figure).stat().st_size > 5_000
 
 
@@ -115,7 +121,7 @@ def test_smoke_viral_stage_reports_every_model_and_protocol(prepared_inputs):
     assert sorted(metrics["results"]) == sorted(f"{p}/{m}" for p in ("experiment", "random_split")
                                                 for m in ("nt", "danq", "rf"))
     assert metrics["results"]["experiment/nt"]["n_test"] == metrics["results"]["experiment/rf"]["n_test"]
-    for figure in ("viral_roc.png", "viral_learning_curves.png", "viral_confusion_nt.png"):
+    for figure in ("viral_roc_pr.png", "viral_learning_curves.png", "viral_confusion_nt.png"):
         assert (workspace / "figures" / figure).stat().st_size > 10_000
 
 
@@ -134,6 +140,17 @@ def test_smoke_mirna_stage_reports_paper_protocol_and_cv(prepared_inputs):
     assert metrics["n_sequences"] == len(read_mirna(workspace / "input" / "mirna"))  # 1124 in the real bundle
     for kind in ("nt", "cnn", "danq"):
         assert (workspace / "figures" / f"mirna_learning_curves_{kind}.png").exists()
+    assert (workspace / "figures" / "mirna_roc_pr.png").stat().st_size > 10_000
+
+
+def test_attended_kmers_are_matched_to_the_known_boxes():
+    assert closest_box("gTATAATc") == ("TATAAT", 0)
+    assert closest_box("ATTGACG") == ("TTGACA", 1)
+    assert closest_box("CCCCCCC")[1] >= 4
+    sequences = ["TTGACAGGGGGGGGGGGGGGGGGTATAAT", "GGGGGGGGGGGGGGGGGGGGGGGGGGGGG", "tataatcccccc"]
+    boxes = box_frequencies(sequences, np.array([1, 0, 1])).set_index(["box", "mismatches"])
+    assert boxes.loc[("TATAAT", 0), "promoters"] == 1.0 and boxes.loc[("TATAAT", 0), "non_promoters"] == 0.0
+    assert boxes.loc[("TTGACA", 0), "promoters"] == 0.5
 
 
 def test_cached_fold_results_are_reused_only_under_the_same_settings(tmp_path):

@@ -80,6 +80,35 @@ def attention_motifs(model, tokens: torch.Tensor, labels: np.ndarray, probs: np.
     return counts
 
 
+KNOWN_BOXES = ("TATAAT", "TTGACA")  # sigma-70 consensus: the -10 (Pribnow) and -35 boxes
+
+
+def _mismatches(window: str, box: str) -> int:
+    return sum(a != b for a, b in zip(window, box))
+
+
+def closest_box(kmer: str) -> tuple[str, int]:
+    """(the known box the k-mer comes closest to holding, its fewest mismatches over the alignments)."""
+    kmer = kmer.upper()
+    best = min((_mismatches(kmer[o:o + len(box)], box), box) for box in KNOWN_BOXES
+                for o in range(max(1, len(kmer) - len(box) + 1)))
+    return best[1], best[0]
+
+
+def box_frequencies(sequences, labels: np.ndarray) -> pd.DataFrame:
+    """Share of promoters and of non-promoters holding each known box exactly / with <= 1 mismatch."""
+    upper = [s.upper() for s in sequences]
+    rows = []
+    for box in KNOWN_BOXES:
+        fewest = np.array([min(_mismatches(s[o:o + len(box)], box) for o in range(len(s) - len(box) + 1))
+                           for s in upper])
+        for allowed in (0, 1):
+            holds = fewest <= allowed
+            rows.append({"box": box, "mismatches": allowed, "promoters": float(holds[labels == 1].mean()),
+                         "non_promoters": float(holds[labels == 0].mean())})
+    return pd.DataFrame(rows)
+
+
 def task_input(cfg: Config, task: str) -> Path:
     """A classification task's raw folder: <data dir>/<task> when the data folder (--data-dir,
     $NT_DATA_DIR) holds it, else input/<task> (copied there by stage 00), so stages 10-12 run alone."""
@@ -94,7 +123,7 @@ def promoter_key(cfg: Config) -> dict:
 
 
 def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
-    from .plots import plot_classifier_learning_curves, plot_confusion, plot_motifs
+    from .plots import plot_classifier_learning_curves, plot_confusion, plot_motifs, plot_roc_pr
 
     paths, pc = Paths(cfg), cfg.promoter
     configure_threads(cfg.train.threads)
@@ -112,14 +141,20 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     plot_classifier_learning_curves(figures[0], f"promoter ({pc.model})", result["histories"])
     plot_confusion(figures[1], f"promoter ({pc.model}), {pc.folds}-fold CV", frame.label.to_numpy(),
                    result["probabilities"])
-    outputs = [oof, metrics, *figures]
+    roc_pr = paths.figures / "promoter_roc_pr.png"
+    plot_roc_pr(roc_pr, f"promoter, {pc.folds}-fold CV (OOF)", {pc.model: (frame.label, result["probabilities"])})
+    outputs = [oof, metrics, *figures, roc_pr]
     if result["motifs"]:
         motif_csv = paths.oof / "promoter_motifs.csv"
         table = pd.DataFrame(result["motifs"].most_common(), columns=["kmer", "count"])
+        closest = [closest_box(kmer) for kmer in table.kmer]
+        table["box"], table["mismatches"] = [c[0] for c in closest], [c[1] for c in closest]
         write_csv(motif_csv, table)
+        boxes = box_frequencies(frame.sequence, frame.label.to_numpy())
+        write_csv(paths.oof / "promoter_boxes.csv", boxes)
         motif_png = paths.figures / "promoter_motifs.png"
-        plot_motifs(motif_png, "k-mers most attended in correctly predicted promoters", table.head(10))
-        outputs += [motif_csv, motif_png]
+        plot_motifs(motif_png, "k-mers most attended in correctly predicted promoters", table.head(10), boxes)
+        outputs += [motif_csv, paths.oof / "promoter_boxes.csv", motif_png]
     return outputs, {k: round(v, 4) for k, v in result["summary"].items() if k in ("accuracy", "mcc")}
 
 
@@ -187,7 +222,7 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     Class imbalance (~2 % viral): optionally undersampled negatives per epoch (viral.negatives_per_positive),
     positives weighted by negatives/positives in the BCE loss, balanced class weights in the random
     forest, and PR-AUC reported beside AUC-ROC."""
-    from .plots import plot_classifier_learning_curves, plot_confusion, plot_roc
+    from .plots import plot_classifier_learning_curves, plot_confusion, plot_roc_pr
 
     paths, vc = Paths(cfg), cfg.viral
     configure_threads(cfg.train.threads)
@@ -216,9 +251,9 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
                          "holdout_experiment": vc.holdout_experiment, "results": report,
                          "imbalance": _imbalance_note(vc),
                          **artifact_meta(cfg)})
-    figures = [paths.figures / "viral_roc.png", paths.figures / "viral_learning_curves.png",
+    figures = [paths.figures / "viral_roc_pr.png", paths.figures / "viral_learning_curves.png",
                paths.figures / "viral_confusion_nt.png"]
-    plot_roc(figures[0], "viral contigs: ROC", {f"{p}/{k}": (labels[protocols[p][2]], r["probs"])
+    plot_roc_pr(figures[0], "viral contigs: every model and protocol", {f"{p}/{k}": (labels[protocols[p][2]], r["probs"])
                                                for (p, k), r in results.items()})
     curves = {f"{p}/{k}": r["history"] for (p, k), r in results.items() if r["history"]}
     plot_classifier_learning_curves(figures[1], "viral: training loss and validation AUC", list(curves.values()),
@@ -236,7 +271,7 @@ def mirna_key(cfg: Config) -> dict:
 def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     """Mirtron vs canonical pre-miRNA: the paper's stratified 70/30 split (fixed seed) and stratified
     K-fold CV, for every model in mirna.models."""
-    from .plots import plot_classifier_learning_curves, plot_confusion
+    from .plots import plot_classifier_learning_curves, plot_confusion, plot_roc_pr
 
     paths, mc = Paths(cfg), cfg.mirna
     configure_threads(cfg.train.threads)
@@ -245,19 +280,23 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     labels = frame.label.to_numpy()
     train_idx, test_idx = _split(np.arange(len(frame)), labels, 0.3, cfg.seed)
     work = claim_work_dir(paths.run / "mirna", mirna_key(cfg), force)
-    rows, figures = {}, []
+    rows, figures, curves = {}, [], {}
     for kind in mc.models:
         # The paper protocol has no validation set: train for mirna.epochs, score once on the 30 %.
         split = fit_and_score(cfg, with_kind(mc, kind), kind, frame, train_idx, None, test_idx,
                               work / f"paper_{kind}.pkl", device)
         cv = run_cv(cfg, with_kind(mc, kind), frame, work / f"cv_{kind}", device)
         rows[kind] = {"paper_protocol": _five(split["metrics"]), "cv": _five(cv["summary"])}
+        curves[f"{kind}, 30 % test"] = (labels[test_idx], split["probs"])
+        curves[f"{kind}, {mc.folds}-fold CV"] = (labels, cv["probabilities"])
         confusion = paths.figures / f"mirna_confusion_{kind}.png"
         plot_confusion(confusion, f"mirtron vs canonical ({kind}), 30 % test", labels[test_idx], split["probs"])
         curves = paths.figures / f"mirna_learning_curves_{kind}.png"
         plot_classifier_learning_curves(curves, f"mirna {kind}: 5-fold CV (AUC on each held-out fold)",
                                         cv["histories"])
         figures += [confusion, curves]
+    figures.append(paths.figures / "mirna_roc_pr.png")
+    plot_roc_pr(figures[-1], "mirtron vs canonical: every model and protocol", curves)
     best = max(rows, key=lambda k: rows[k]["paper_protocol"]["mcc"])
     metrics = paths.oof / "mirna_metrics.json"
     write_json(metrics, {"mcc": rows[best]["paper_protocol"]["mcc"],

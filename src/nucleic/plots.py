@@ -132,22 +132,46 @@ def plot_confusion(path, title: str, labels, probabilities, threshold: float = 0
     save_figure(fig, path)
 
 
-def plot_motifs(path, title: str, table) -> None:
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(table["kmer"], table["count"], color="tab:green")
-    ax.set(title=title, ylabel="count among the 3 most attended k-mers")
-    ax.tick_params(axis="x", rotation=45)
+def plot_motifs(path, title: str, table, boxes) -> None:
+    """Left: the most attended k-mers, coloured by how close each comes to a known box (table columns
+    kmer, count, box, mismatches). Right: how often each known box occurs (exactly, or with one mismatch)
+    in promoters and in non-promoters (`boxes` columns box, mismatches, promoters, non_promoters)."""
+    fig, (kmer_ax, box_ax) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    colours = {0: "tab:red", 1: "tab:orange"}
+    kmer_ax.bar(table["kmer"], table["count"],
+                color=[colours.get(int(m), "tab:grey") for m in table["mismatches"]])
+    for x, (box, mismatches) in enumerate(zip(table["box"], table["mismatches"])):
+        if mismatches <= 1:
+            kmer_ax.annotate(f"{box}\n{'exact' if mismatches == 0 else '1 off'}", (x, 0), ha="center",
+                             va="bottom", fontsize=6, color="white")
+    kmer_ax.set(title=title, ylabel="count among the 3 most attended k-mers")
+    kmer_ax.tick_params(axis="x", rotation=45)
+    kmer_ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in (*colours.values(), "tab:grey")],
+                   labels=["holds a known box", "a box with 1 mismatch", "neither"], fontsize=7)
+    labels = [f"{b} ({'exact' if m == 0 else '<= 1 mismatch'})" for b, m in zip(boxes["box"], boxes["mismatches"])]
+    y = np.arange(len(labels))
+    box_ax.barh(y - 0.2, boxes["promoters"], height=0.4, label="promoters", color="tab:green")
+    box_ax.barh(y + 0.2, boxes["non_promoters"], height=0.4, label="non-promoters", color="tab:grey")
+    box_ax.set_yticks(y, labels, fontsize=8)
+    box_ax.set(title="sequences holding the -10 / -35 box", xlabel="share of sequences")
+    box_ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
-def plot_roc(path, title: str, curves: dict) -> None:
-    """ROC curves: {label: (y_true, y_probability)}."""
-    from sklearn.metrics import RocCurveDisplay
+def plot_roc_pr(path, title: str, curves: dict) -> None:
+    """ROC and precision-recall curves of every model side by side: {label: (y_true, y_probability)}."""
+    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 5))
     for label, (truth, probability) in curves.items():
-        RocCurveDisplay.from_predictions(truth, probability, name=label, ax=ax)
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+        RocCurveDisplay.from_predictions(truth, probability, name=label, ax=roc_ax)
+        PrecisionRecallDisplay.from_predictions(truth, probability, name=label, ax=pr_ax)
+    roc_ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    truth = np.asarray(next(iter(curves.values()))[0])
+    pr_ax.axhline(truth.mean(), color="grey", linestyle=":", linewidth=1)  # a random classifier's precision
+    roc_ax.set_title("ROC", fontsize=10)
+    pr_ax.set_title("precision-recall", fontsize=10)
+    for ax in (roc_ax, pr_ax):
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
     save_figure(fig, path)
