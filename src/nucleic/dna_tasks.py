@@ -31,7 +31,9 @@ def stratified_subset(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.D
 
 
 def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> dict:
-    """Stratified K-fold CV of task_cfg.model; fold results cached in `work` (resumable)."""
+    """Stratified K-fold CV of task_cfg.model; fold results cached in `work` (resumable). Each fold keeps
+    task_cfg.validation_fraction of its training rows apart and scores the held-out fold with the weights
+    of the epoch with the best AUC on them (the rule every classifier follows)."""
     from sklearn.model_selection import StratifiedKFold
 
     tokens = encode_sequences(list(frame.sequence))
@@ -44,9 +46,11 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
         cache = work / f"fold{fold}.pkl"
         result = read_cache(cache)
         if result is None:
-            model, history = fit_classifier(task_cfg.model, task_cfg[task_cfg.model], task_cfg, tokens[train_idx],
-                                            labels[train_idx], tokens[val_idx], labels[val_idx],
-                                            cfg.seed + fold, device, run_dir=work / f"fold{fold}", desc=f"fold {fold}")
+            fit_idx, watch_idx = _split(train_idx, labels, task_cfg.validation_fraction, cfg.seed + fold)
+            model, history = fit_classifier(task_cfg.model, task_cfg[task_cfg.model], task_cfg, tokens[fit_idx],
+                                            labels[fit_idx], tokens[watch_idx], labels[watch_idx],
+                                            cfg.seed + fold, device, run_dir=work / f"fold{fold}", desc=f"fold {fold}",
+                                            select_best=True)
             probs = predict_proba(model, tokens[val_idx], device, 256)
             found = (attention_motifs(model, tokens[val_idx], labels[val_idx], probs, frame.sequence.iloc[val_idx])
                      if task_cfg.model == "nt" else {})
@@ -292,7 +296,7 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
         confusion = paths.figures / f"mirna_confusion_{kind}.png"
         plot_confusion(confusion, f"mirtron vs canonical ({kind}), 30 % test", labels[test_idx], split["probs"])
         curves = paths.figures / f"mirna_learning_curves_{kind}.png"
-        plot_classifier_learning_curves(curves, f"mirna {kind}: 5-fold CV (AUC on each held-out fold)",
+        plot_classifier_learning_curves(curves, f"mirna {kind}: {mc.folds}-fold CV (validation AUC)",
                                         cv["histories"])
         figures += [confusion, curves]
     figures.append(paths.figures / "mirna_roc_pr.png")

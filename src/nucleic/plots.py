@@ -116,7 +116,7 @@ def plot_classifier_learning_curves(path, title: str, histories: list[list[dict]
         loss_ax.plot(epochs, [h["train_loss"] for h in history], label=name)
         auc_ax.plot(epochs, [h["val_auc"] for h in history], label=name)
     loss_ax.set(title="training loss (BCE)", xlabel="epoch")
-    auc_ax.set(title="held-out AUC-ROC", xlabel="epoch")
+    auc_ax.set(title="validation AUC-ROC", xlabel="epoch")
     auc_ax.legend(fontsize=7)
     fig.suptitle(title)
     save_figure(fig, path)
