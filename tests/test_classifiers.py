@@ -42,6 +42,47 @@ def test_padding_does_not_change_a_shorter_sequences_logit():
     assert torch.allclose(alone, in_batch[:1], atol=1e-5)
 
 
+def test_structure_input_biases_attention_and_survives_padding():
+    """nt_bpp reads a pairing matrix: a different matrix changes the logit, zero-padding the sequence and
+    its matrix does not, and leaving the matrix out is refused."""
+    from nucleic.classify import build_classifier
+
+    torch.manual_seed(0)
+    nt = build_classifier("nt_bpp", {"k": 5, "nlayer": 2, "d_model": 32, "nhead": 4, "dim_ff": 64}, 40).eval()
+    assert nt.structure
+    nt.gamma.data.fill_(20.0)  # a trained scale: at initialisation the bias is small
+    tokens = torch.randint(1, 5, (1, 40))
+    stem = torch.zeros(1, 40, 40)
+    for i in range(10):  # a 10-pair stem: i pairs with 39 - i
+        stem[0, i, 39 - i] = stem[0, 39 - i, i] = 0.9
+    padded_tokens = torch.cat([tokens, torch.zeros(1, 15, dtype=torch.long)], dim=1)
+    padded_stem = torch.zeros(1, 55, 55)
+    padded_stem[:, :40, :40] = stem
+    longer = torch.randint(1, 5, (1, 55))
+    with torch.no_grad():
+        folded, unfolded = nt(tokens, stem), nt(tokens, torch.zeros(1, 40, 40))
+        in_batch = nt(torch.cat([padded_tokens, longer]), torch.cat([padded_stem, torch.rand(1, 55, 55)]))
+    assert (folded - unfolded).abs().item() > 1e-3
+    assert torch.allclose(folded, in_batch[:1], atol=1e-5)
+    with pytest.raises(ValueError, match="pairing matrices"):
+        nt(tokens)
+
+
+def test_pairing_probabilities_come_from_the_structure_store(tmp_path):
+    from nucleic.config import load_config
+    from nucleic.structures import pairing_probabilities
+
+    cfg = load_config("smoke", [f"paths.structures={tmp_path / 'structures'}", "fold.n_jobs=1"])
+    hairpin = "GGGGAAACCCC"
+    pairs = pairing_probabilities(cfg, [hairpin, hairpin.replace("U", "T") + "A"], 14)
+    assert pairs.shape == (2, 14, 14) and pairs.dtype == torch.float16
+    assert torch.allclose(pairs[0], pairs[0].T) and float(pairs[0, 0, 10]) > 0.3  # G1 pairs with C11
+    assert float(pairs[0, 11:].abs().sum()) == 0  # padding
+    assert list((tmp_path / "structures").iterdir())[0].name == "vienna_turner2004_37C"
+    again = pairing_probabilities(cfg, [hairpin], 14)  # read back from the store
+    assert torch.equal(again[0], pairs[0])
+
+
 def test_attn_dropout_is_separate_from_dropout():
     torch.manual_seed(0)
     tokens = torch.randint(1, 5, (2, 50))
@@ -130,7 +171,7 @@ def test_smoke_mirna_stage_reports_paper_protocol_and_cv(prepared_inputs):
     workspace, args = prepared_inputs
     assert load_kernel("12_mirna").main(args) == 0
     metrics = json.loads((workspace / "oof" / "mirna_metrics.json").read_text())
-    assert set(metrics["models"]) == {"nt", "cnn", "danq"}
+    assert set(metrics["models"]) == {"nt", "nt_bpp", "cnn", "danq"}
     best = metrics["models"][metrics["best_model"]]["paper_protocol"]
     assert metrics["mcc"] == best["mcc"] == max(m["paper_protocol"]["mcc"] for m in metrics["models"].values())
     for row in metrics["models"].values():
@@ -138,7 +179,7 @@ def test_smoke_mirna_stage_reports_paper_protocol_and_cv(prepared_inputs):
     from nucleic.dna_data import read_mirna
 
     assert metrics["n_sequences"] == len(read_mirna(workspace / "input" / "mirna"))  # 1124 in the real bundle
-    for kind in ("nt", "cnn", "danq"):
+    for kind in ("nt", "nt_bpp", "cnn", "danq"):
         assert (workspace / "figures" / f"mirna_learning_curves_{kind}.png").exists()
     assert (workspace / "figures" / "mirna_roc_pr.png").stat().st_size > 10_000
 

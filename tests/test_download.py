@@ -277,3 +277,14 @@ def test_run_all_fetches_nothing_when_the_data_folder_has_everything(data_dir):
     cfg = load_config("smoke", data_dir=str(data_dir))
     assert all(download.task_present(cfg, task) for task in download.TASKS)
     assert download.ensure_data(cfg) == {}
+
+
+def test_a_viral_folder_of_other_experiments_counts_as_present(tmp_path):
+    """Users bring their own sequencing runs: any exp*.csv makes the viral data present (nothing fetched)."""
+    folder = tmp_path / "mine" / "viral"
+    folder.mkdir(parents=True)
+    cfg = load_config("smoke", [f"paths.input={tmp_path / 'input'}"], data_dir=str(tmp_path / "mine"))
+    assert not download.task_present(cfg, "viral")
+    (folder / "exp42_2025_ours.csv").write_text("seq1_ours,ACGT,0\n")
+    assert download.task_present(cfg, "viral")
+    assert not download.task_present(cfg, "promoter")

@@ -57,20 +57,29 @@ def balanced_pos_weight(labels: torch.Tensor, setting) -> float:
     return (len(labels) - positives) / max(positives, 1.0)
 
 
+STRUCTURE_KINDS = ("nt_bpp",)  # classifiers that also read base-pairing probabilities
+
+
+def model_settings(task_cfg, kind: str):
+    """A kind's section of a task config; nt_bpp is the NT with the structure input, same settings."""
+    return task_cfg["nt" if kind == "nt_bpp" else kind]
+
+
 def build_classifier(kind: str, settings, length: int) -> torch.nn.Module:
     settings = dict(settings)
-    if kind == "nt":
-        return NTClassifier(**settings)
+    if kind in ("nt", "nt_bpp"):
+        return NTClassifier(**settings, structure=kind == "nt_bpp")
     if kind == "danq":
         return DanQ(length, **settings)
     if kind == "cnn":
         return NucleotideCNN(**settings)
-    raise ValueError(f"unknown classifier '{kind}' (nt, danq, cnn)")
+    raise ValueError(f"unknown classifier '{kind}' (nt, nt_bpp, danq, cnn)")
 
 
-def fit_classifier(kind: str, model_settings, tc, tokens: torch.Tensor, labels: np.ndarray,
+def fit_classifier(kind: str, settings, tc, tokens: torch.Tensor, labels: np.ndarray,
                    val_tokens: torch.Tensor, val_labels: np.ndarray, seed: int, device: torch.device,
-                   run_dir: Path, desc: str = "train", select_best: bool = False):
+                   run_dir: Path, desc: str = "train", select_best: bool = False,
+                   pairs: torch.Tensor | None = None, val_pairs: torch.Tensor | None = None):
     """Train for tc.epochs through the engine (resumable from run_dir/last.pt); returns the model and a
     per-epoch history (train loss, held-out AUC and accuracy). select_best=True returns the weights of
     the epoch with the best validation AUC (only for a validation set that is not the test set);
@@ -84,9 +93,9 @@ def fit_classifier(kind: str, model_settings, tc, tokens: torch.Tensor, labels: 
     from .metrics import binary_classification_metrics
 
     torch.manual_seed(seed)
-    model = build_classifier(kind, model_settings, tokens.shape[1]).to(device)
-    if kind == "nt":
-        optimizer = make_adam(model, eq11_peak_lr(model_settings["d_model"], tc.warmup_steps, tc.lr_scale))
+    model = build_classifier(kind, settings, tokens.shape[1]).to(device)
+    if kind in ("nt", "nt_bpp"):
+        optimizer = make_adam(model, eq11_peak_lr(settings["d_model"], tc.warmup_steps, tc.lr_scale))
         scheduler = warmup_inverse_sqrt(optimizer, tc.warmup_steps)
     else:
         optimizer = make_adam(model, tc.baseline_lr)
@@ -105,12 +114,13 @@ def fit_classifier(kind: str, model_settings, tc, tokens: torch.Tensor, labels: 
         return order.split(tc.batch_size)
 
     def batch_loss(batch, rng):
-        logits = model(mutate(tokens[batch], tc.nmute, generator).to(device))
+        logits = model(mutate(tokens[batch], tc.nmute, generator).to(device), *_rows(pairs, batch, device))
         return F.binary_cross_entropy_with_logits(logits.float(), labels_t[batch].to(device),
                                                   pos_weight=epoch["pos_weight"])
 
     def evaluate(done: int) -> dict:
-        scores = binary_classification_metrics(val_labels, predict_proba(model, val_tokens, device, tc.batch_size * 4))
+        scores = binary_classification_metrics(val_labels, predict_proba(model, val_tokens, device, tc.batch_size * 4,
+                                                                         val_pairs))
         return {"val_auc": scores["auc"], "val_accuracy": scores["accuracy"]}
 
     trainer.fit(epoch_batches, batch_loss, evaluate,
@@ -143,11 +153,17 @@ def load_classifier(path, device: torch.device) -> tuple[torch.nn.Module, int]:
     return model.eval(), saved["length"]
 
 
+def _rows(pairs: torch.Tensor | None, rows, device) -> tuple:
+    """The extra model input of these rows (pairing matrices), or nothing for sequence-only models."""
+    return () if pairs is None else (pairs[rows].to(device),)
+
+
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int) -> np.ndarray:
+def predict_proba(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int,
+                  pairs: torch.Tensor | None = None) -> np.ndarray:
     model.eval()
-    return np.concatenate([torch.sigmoid(model(chunk.to(device))).cpu().numpy()
-                           for chunk in tokens.split(batch_size)])
+    return np.concatenate([torch.sigmoid(model(tokens[rows].to(device), *_rows(pairs, rows, device))).cpu().numpy()
+                           for rows in torch.arange(len(tokens)).split(batch_size)])
 
 
 def kmer_frequencies(sequences: list[str], ks: tuple[int, ...]) -> np.ndarray:

@@ -65,11 +65,14 @@ def find_openvaccine(cfg: Config) -> dict[str, tuple[Path, str | None]]:
     """locate_openvaccine in the data folder, else in input/ (where the downloader writes)."""
     try:
         return locate_openvaccine(Path(cfg.data_dir))
-    except InputError:
+    except InputError as not_there:
         fallback = Paths(cfg).input
-        if fallback.resolve() == Path(cfg.data_dir).resolve() or not (fallback / "openvaccine").is_dir():
+        if fallback.resolve() == Path(cfg.data_dir).resolve():
             raise
-        return locate_openvaccine(fallback)
+        try:
+            return locate_openvaccine(fallback)
+        except InputError:
+            raise not_there from None
 
 
 def read_source_bytes(source: tuple[Path, str | None]) -> bytes:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .classify import encode_sequences, fit_classifier, predict_proba, save_classifier
+from .classify import encode_sequences, fit_classifier, model_settings, predict_proba, save_classifier
 from .config import Config, Paths
 from .dna_data import read_mirna, read_promoter, read_viral
 from .engine import configure_threads, resolve_device
@@ -36,7 +36,9 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
     of the epoch with the best AUC on them (the rule every classifier follows)."""
     from sklearn.model_selection import StratifiedKFold
 
+    kind = task_cfg.model
     tokens = encode_sequences(list(frame.sequence))
+    pairs = structure_input(cfg, kind, frame, tokens.shape[1])
     labels = frame.label.to_numpy()
     splitter = StratifiedKFold(task_cfg.folds, shuffle=True, random_state=cfg.seed)
     folds = np.zeros(len(frame), dtype=np.int64)
@@ -46,15 +48,16 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
         cache = work / f"fold{fold}.pkl"
         result = read_cache(cache)
         if result is None:
-            fit_idx, watch_idx = _split(train_idx, labels, task_cfg.validation_fraction, cfg.seed + fold)
-            model, history = fit_classifier(task_cfg.model, task_cfg[task_cfg.model], task_cfg, tokens[fit_idx],
+            fit_idx, watch_idx = stratified_split(train_idx, labels, task_cfg.validation_fraction, cfg.seed + fold)
+            model, history = fit_classifier(kind, model_settings(task_cfg, kind), task_cfg, tokens[fit_idx],
                                             labels[fit_idx], tokens[watch_idx], labels[watch_idx],
                                             cfg.seed + fold, device, run_dir=work / f"fold{fold}", desc=f"fold {fold}",
-                                            select_best=True)
-            probs = predict_proba(model, tokens[val_idx], device, 256)
+                                            select_best=True, pairs=_take(pairs, fit_idx),
+                                            val_pairs=_take(pairs, watch_idx))
+            probs = predict_proba(model, tokens[val_idx], device, 256, _take(pairs, val_idx))
             found = (attention_motifs(model, tokens[val_idx], labels[val_idx], probs, frame.sequence.iloc[val_idx])
-                     if task_cfg.model == "nt" else {})
-            save_classifier(cache.with_suffix(".pt"), task_cfg.model, task_cfg[task_cfg.model], tokens.shape[1], model)
+                     if kind == "nt" else {})
+            save_classifier(cache.with_suffix(".pt"), kind, model_settings(task_cfg, kind), tokens.shape[1], model)
             result = {"probs": probs, "history": history, "motifs": dict(found)}
             write_pickle(cache, result)
         folds[val_idx], probabilities[val_idx] = fold, result["probs"]
@@ -64,6 +67,18 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
     summary = {m: float(np.mean([f[m] for f in per_fold])) for m in SUMMARY_METRICS}
     return {"summary": summary, "per_fold": per_fold, "histories": histories, "motifs": motifs,
             "folds": folds, "probabilities": probabilities}
+
+
+def structure_input(cfg: Config, kind: str, frame: pd.DataFrame, length: int) -> torch.Tensor | None:
+    """Base-pairing probabilities of every sequence for a classifier that reads them, else None."""
+    from .classify import STRUCTURE_KINDS
+    from .structures import pairing_probabilities
+
+    return pairing_probabilities(cfg, list(frame.sequence), length) if kind in STRUCTURE_KINDS else None
+
+
+def _take(pairs: torch.Tensor | None, rows) -> torch.Tensor | None:
+    return None if pairs is None else pairs[torch.as_tensor(rows)]
 
 
 @torch.no_grad()
@@ -180,13 +195,15 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
             probs, history = _random_forest(cfg, task_cfg, frame, train_idx, test_idx), []
         else:
             tokens = encode_sequences(list(frame.sequence))
+            pairs = structure_input(cfg, kind, frame, tokens.shape[1])
             watch = test_idx if val_idx is None else val_idx
-            model, history = fit_classifier(kind, task_cfg[kind], task_cfg, tokens[train_idx], labels[train_idx],
-                                            tokens[watch], labels[watch], cfg.seed, device,
+            model, history = fit_classifier(kind, model_settings(task_cfg, kind), task_cfg, tokens[train_idx],
+                                            labels[train_idx], tokens[watch], labels[watch], cfg.seed, device,
                                             run_dir=cache.with_suffix(""), desc=cache.stem,
-                                            select_best=val_idx is not None)
-            probs = predict_proba(model, tokens[test_idx], device, 256)
-            save_classifier(cache.with_suffix(".pt"), kind, task_cfg[kind], tokens.shape[1], model)
+                                            select_best=val_idx is not None, pairs=_take(pairs, train_idx),
+                                            val_pairs=_take(pairs, watch))
+            probs = predict_proba(model, tokens[test_idx], device, 256, _take(pairs, test_idx))
+            save_classifier(cache.with_suffix(".pt"), kind, model_settings(task_cfg, kind), tokens.shape[1], model)
         result = {"probs": probs, "history": history}
         write_pickle(cache, result)
     return {**result, "metrics": binary_classification_metrics(frame.label.to_numpy()[test_idx], result["probs"])}
@@ -204,7 +221,7 @@ def _random_forest(cfg: Config, task_cfg, frame: pd.DataFrame, train_idx, test_i
     return forest.predict_proba(features[test_idx])[:, 1]
 
 
-def _split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     return tuple(train_test_split(indices, test_size=fraction, stratify=labels[indices], random_state=seed))
@@ -240,9 +257,9 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
         raise InputError(task_input(cfg, "viral"), f"no sequences of experiment '{vc.holdout_experiment}' "
                          f"(viral.holdout_experiment; found {', '.join(sorted(frame.group.unique()))})")
     others = np.setdiff1d(everything, held_out)
-    protocols = {"experiment": (*_split(others, labels, vc.validation_fraction, cfg.seed), held_out)}
-    train_val, random_test = _split(everything, labels, vc.test_fraction, cfg.seed)
-    protocols["random_split"] = (*_split(train_val, labels, vc.validation_fraction, cfg.seed), random_test)
+    protocols = {"experiment": (*stratified_split(others, labels, vc.validation_fraction, cfg.seed), held_out)}
+    train_val, random_test = stratified_split(everything, labels, vc.test_fraction, cfg.seed)
+    protocols["random_split"] = (*stratified_split(train_val, labels, vc.validation_fraction, cfg.seed), random_test)
     work = claim_work_dir(paths.run / "viral", viral_key(cfg), force)
     results = {(p, kind): fit_and_score(cfg, vc, kind, frame, *idx, work / f"{p}_{kind}.pkl", device)
                for p, idx in protocols.items() for kind in vc.models}
@@ -282,7 +299,7 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     device = resolve_device(cfg.train.device)
     frame = stratified_subset(read_mirna(task_input(cfg, "mirna")), mc.max_rows, cfg.seed)
     labels = frame.label.to_numpy()
-    train_idx, test_idx = _split(np.arange(len(frame)), labels, 0.3, cfg.seed)
+    train_idx, test_idx = stratified_split(np.arange(len(frame)), labels, 0.3, cfg.seed)
     work = claim_work_dir(paths.run / "mirna", mirna_key(cfg), force)
     rows, figures, curves = {}, [], {}
     for kind in mc.models:

@@ -90,15 +90,20 @@ def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFra
     return predictions_frame(data.ids, mean, [len(s) for s in sequences])
 
 
-def predict_classifier(records, weights: list[Path], path: Path, device) -> pd.DataFrame:
+def predict_classifier(cfg, records, weights: list[Path], path: Path, device) -> pd.DataFrame:
     from .classify import encode_sequences, load_classifier, predict_proba
     from .dna_data import DNA_ALPHABET
+    from .structures import pairing_probabilities
 
     models = [load_classifier(w, device) for w in weights]
     length = models[0][1]
     cleaned = clean_records(records, path, DNA_ALPHABET, length)
-    tokens = encode_sequences([s for _, s in cleaned], length)
-    probability = np.mean([predict_proba(model, tokens, device, 256) for model, _ in models], axis=0)
+    sequences = [s for _, s in cleaned]
+    tokens = encode_sequences(sequences, length)
+    reads_structure = any(getattr(model, "structure", False) for model, _ in models)
+    pairs = pairing_probabilities(cfg, sequences, length) if reads_structure else None  # folded as in training
+    probability = np.mean([predict_proba(model, tokens, device, 256, pairs if getattr(model, "structure", False)
+                                         else None) for model, _ in models], axis=0)
     return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": probability})
 
 
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             cleaned = clean_records(records, path, SEQUENCE_TOKENS, MAX_RNA_LENGTH, min_length=cfg.model.nlayer)
             frame = predict_openvaccine(cfg, cleaned, weights, device)
         else:
-            frame = predict_classifier(records, weights, path, device)
+            frame = predict_classifier(cfg, records, weights, path, device)
         write_csv(args.output, frame)
     except (InputError, ConfigError) as err:
         print(f"ERROR {err}", file=sys.stderr)

@@ -203,3 +203,28 @@ def fold_structures(cfg, force: bool = False) -> tuple[list[Path], dict]:
     plot_structure_predictions(figure, example.id, example.sequence, [s.name for s in store.slots], record)
     summary = {"sequences": len(sequences), "slots": len(store.slots), **speed}
     return store.shard_paths(sequences) + [figure], summary
+
+
+# ---------------------------------------------------------------- structure input of the classifiers
+
+CLASSIFIER_SLOT = {"native_sources": ["vienna_turner2004"], "temperatures": [37]}
+
+
+def pairing_probabilities(cfg, sequences: list[str], length: int):
+    """(N, length, length) float16 base-pairing probabilities (ViennaRNA, Turner 2004, 37 C; T read as U),
+    zero-padded: folded once into stage 01's store (paths.structures, the same slot as OpenVaccine's)
+    and read from it afterwards."""
+    import torch
+
+    from .config import Paths, git_commit
+
+    store = StructureStore(Paths(cfg).structures, {**dict(cfg.fold), "backend": "native", **CLASSIFIER_SLOT})
+    rna = [s.upper().replace("T", "U") for s in sequences]
+    meta = {"git_commit": git_commit(), "fold": _fold_settings(cfg)}
+    store.fold_all(sorted(set(rna)), meta, n_jobs=cfg.fold.n_jobs)
+    found = store.load(rna)
+    out = torch.zeros(len(rna), length, length, dtype=torch.float16)
+    for row, sequence in enumerate(rna):
+        n = min(len(sequence), length)
+        out[row, :n, :n] = torch.from_numpy(found[sequence_key(sequence)]["bpp"][0][:n, :n])
+    return out

@@ -26,12 +26,22 @@ def sinusoidal_encoding(length: int, d_model: int, base: float = 10000.0) -> tor
 
 class NTClassifier(nn.Module):
     """Nucleotide embedding + positional encoding -> k-mer convolution (no padding) + LayerNorm ->
-    transformer encoder stack -> mean over k-mers -> one logit."""
+    transformer encoder stack -> mean over k-mers -> one logit.
+
+    structure=True: the model also takes each sequence's base-pairing probability matrix (B, L, L) and,
+    as the OpenVaccine model does, turns it into a per-head attention bias over k-mer pairs (a k x k
+    convolution, ReLU, a 1 x 1 convolution to the heads, a learned scale), shared by every block."""
 
     def __init__(self, k: int = 7, nlayer: int = 6, d_model: int = 256, nhead: int = 8, dim_ff: int = 1024,
-                 dropout: float = 0.1, attn_dropout: float | None = None):
+                 dropout: float = 0.1, attn_dropout: float | None = None, structure: bool = False,
+                 pair_channels: int = 8):
         super().__init__()
         self.k = k
+        self.structure = structure
+        if structure:
+            self.pair_conv = nn.Conv2d(1, pair_channels, k)  # nucleotide pairs -> k-mer pairs
+            self.pair_to_bias = nn.Conv2d(pair_channels, nhead, 1)
+            self.gamma = nn.Parameter(torch.ones(1))
         self.embedding = nn.Embedding(N_TOKENS, d_model, padding_idx=0)
         self.input_dropout = nn.Dropout(dropout)
         self.kmer_conv = nn.Conv1d(d_model, d_model, k)
@@ -40,7 +50,7 @@ class NTClassifier(nn.Module):
                                     for _ in range(nlayer))
         self.head = nn.Linear(d_model, 1)
 
-    def encode(self, tokens: torch.Tensor, need_weights: bool = False):
+    def encode(self, tokens: torch.Tensor, need_weights: bool = False, pairs: torch.Tensor | None = None):
         length = tokens.shape[1]
         x = self.embedding(tokens) + sinusoidal_encoding(length, self.embedding.embedding_dim).to(tokens.device)
         x = self.input_dropout(x)
@@ -48,6 +58,11 @@ class NTClassifier(nn.Module):
         valid = self._valid_kmers(tokens)  # k-mers that touch padding are masked as keys and pooled out
         bias = (None if bool(valid.all()) else  # no padding: no mask, so the fused attention kernel applies
                 torch.zeros(valid.shape, device=tokens.device).masked_fill(~valid, float("-inf"))[:, None, None, :])
+        if self.structure:
+            if pairs is None:
+                raise ValueError("this NT classifier was built with structure=True: pass the pairing matrices")
+            pair_bias = self.gamma * self.pair_to_bias(F.relu(self.pair_conv(pairs[:, None].float())))
+            bias = pair_bias if bias is None else pair_bias + bias
         maps = []
         for block in self.blocks:
             kmers, weights = block(kmers, bias, need_weights)
@@ -60,13 +75,13 @@ class NTClassifier(nn.Module):
         positions = torch.arange(tokens.shape[1] - self.k + 1, device=tokens.device)
         return positions[None, :] < (lengths[:, None] - self.k + 1).clamp(min=1)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encode(tokens)[0]).squeeze(-1)
+    def forward(self, tokens: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.encode(tokens, pairs=pairs)[0]).squeeze(-1)
 
     @torch.no_grad()
-    def attention_maps(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+    def attention_maps(self, tokens: torch.Tensor, pairs: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Attention weights per block, (B, nhead, L-k+1, L-k+1)."""
-        return self.encode(tokens, need_weights=True)[1]
+        return self.encode(tokens, need_weights=True, pairs=pairs)[1]
 
 
 def one_hot(tokens: torch.Tensor) -> torch.Tensor:
