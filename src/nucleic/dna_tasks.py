@@ -301,15 +301,15 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     labels = frame.label.to_numpy()
     train_idx, test_idx = stratified_split(np.arange(len(frame)), labels, 0.3, cfg.seed)
     work = claim_work_dir(paths.run / "mirna", mirna_key(cfg), force)
-    rows, figures, curves = {}, [], {}
+    rows, figures, roc_curves = {}, [], {}
     for kind in mc.models:
         # The paper protocol has no validation set: train for mirna.epochs, score once on the 30 %.
         split = fit_and_score(cfg, with_kind(mc, kind), kind, frame, train_idx, None, test_idx,
                               work / f"paper_{kind}.pkl", device)
         cv = run_cv(cfg, with_kind(mc, kind), frame, work / f"cv_{kind}", device)
         rows[kind] = {"paper_protocol": _five(split["metrics"]), "cv": _five(cv["summary"])}
-        curves[f"{kind}, 30 % test"] = (labels[test_idx], split["probs"])
-        curves[f"{kind}, {mc.folds}-fold CV"] = (labels, cv["probabilities"])
+        roc_curves[f"{kind}, 30 % test"] = (labels[test_idx], split["probs"])
+        roc_curves[f"{kind}, {mc.folds}-fold CV"] = (labels, cv["probabilities"])
         confusion = paths.figures / f"mirna_confusion_{kind}.png"
         plot_confusion(confusion, f"mirtron vs canonical ({kind}), 30 % test", labels[test_idx], split["probs"])
         curves = paths.figures / f"mirna_learning_curves_{kind}.png"
@@ -317,7 +317,7 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
                                         cv["histories"])
         figures += [confusion, curves]
     figures.append(paths.figures / "mirna_roc_pr.png")
-    plot_roc_pr(figures[-1], "mirtron vs canonical: every model and protocol", curves)
+    plot_roc_pr(figures[-1], "mirtron vs canonical: every model and protocol", roc_curves)
     best = max(rows, key=lambda k: rows[k]["paper_protocol"]["mcc"])
     metrics = paths.oof / "mirna_metrics.json"
     write_json(metrics, {"mcc": rows[best]["paper_protocol"]["mcc"],
