@@ -1,8 +1,10 @@
 """Run a kernel and SIGKILL it at a reproducible point: right after its N-th atomic artifact write (the
-rename of a `*.tmp` onto its target), or, with --in-write, in place of that rename, so the finished
-temporary file is left behind as by a kill mid-write. N=0 never kills and lists the writes.
+rename of a `*.tmp` onto its target), or after the first write whose target path ends with SUFFIX (a
+point that does not depend on how many improving epochs wrote best.pt before it), or, with --in-write,
+in place of that rename, so the finished temporary file is left behind as by a kill mid-write. N=0
+never kills and lists the writes.
 
-usage: python tests/kill_after_writes.py [--in-write] N kernels/NN_stage.py [stage options]
+usage: python tests/kill_after_writes.py [--in-write] N|SUFFIX kernels/NN_stage.py [stage options]
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ def main() -> None:
     in_write = args[0] == "--in-write"
     if in_write:
         args = args[1:]
-    kill_at, kernel, stage_args = int(args[0]), args[1], args[2:]
+    target, kernel, stage_args = args[0], args[1], args[2:]
+    kill_at = int(target) if target.isdigit() else None
     rename = os.replace
     writes = 0
 
@@ -28,10 +31,11 @@ def main() -> None:
         writes += 1
         if kill_at == 0:
             print(f"artifact write {writes}: {dst}", file=sys.stderr)
-        if writes == kill_at and in_write:
+        hit = writes == kill_at if kill_at is not None else str(dst).endswith(target)
+        if hit and in_write:
             os.kill(os.getpid(), signal.SIGKILL)
         rename(src, dst, *rest, **options)
-        if writes == kill_at:
+        if hit:
             os.kill(os.getpid(), signal.SIGKILL)
 
     os.replace = replace_then_maybe_die

@@ -27,9 +27,9 @@ KILLS = {
     "05_semi_supervised": (21, (), "fold 1: resuming at epoch 1", "fold 1, phase 1, after epoch 1"),
     "06_predict": (2, (), None, "after fold 1's test predictions"),
     "07_ensemble": (2, (), None, "between the submission and ensemble.json"),
-    "10_promoter": (6, (), "fold 1: resuming at epoch 1", "CV fold 1 after epoch 1"),
+    "10_promoter": ("promoter/nt/fold1/last.pt", (), "fold 1: resuming at epoch 1", "CV fold 1 after epoch 1"),
     "11_viral": (7, (), "experiment_danq: resuming at epoch 1", "DanQ after its only epoch, before its result"),
-    "12_mirna": (28, (), "fold 1: resuming at epoch 1", "CNN CV fold 1 after epoch 1"),
+    "12_mirna": ("cv_cnn/fold1/last.pt", (), "fold 1: resuming at epoch 1", "CNN CV fold 1 after epoch 1"),
 }
 IN_WRITE = {"06_predict": 2, "10_promoter": 4}  # killed inside a write: its temporary file is left behind
 
@@ -68,7 +68,7 @@ def results(workspace) -> dict:
     return found
 
 
-def stage_run(workspace, stage, *options, kill_at: int | None = None, in_write: bool = False):
+def stage_run(workspace, stage, *options, kill_at: int | str | None = None, in_write: bool = False):
     command = [sys.executable]
     if kill_at is not None:
         command += [str(REPO / "tests" / "kill_after_writes.py"), *["--in-write"] * in_write, str(kill_at)]
