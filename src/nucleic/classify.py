@@ -58,17 +58,18 @@ def balanced_pos_weight(labels: torch.Tensor, setting) -> float:
 
 
 STRUCTURE_KINDS = ("nt_bpp",)  # classifiers that also read base-pairing probabilities
+NT_KINDS = ("nt", *STRUCTURE_KINDS)  # Nucleic Transformers: the nt settings and the eq. 11 schedule
 
 
 def model_settings(task_cfg, kind: str):
     """A kind's section of a task config; nt_bpp is the NT with the structure input, same settings."""
-    return task_cfg["nt" if kind == "nt_bpp" else kind]
+    return task_cfg["nt" if kind in NT_KINDS else kind]
 
 
 def build_classifier(kind: str, settings, length: int) -> torch.nn.Module:
     settings = dict(settings)
-    if kind in ("nt", "nt_bpp"):
-        return NTClassifier(**settings, structure=kind == "nt_bpp")
+    if kind in NT_KINDS:
+        return NTClassifier(**settings, structure=kind in STRUCTURE_KINDS)
     if kind == "danq":
         return DanQ(length, **settings)
     if kind == "cnn":
@@ -94,7 +95,7 @@ def fit_classifier(kind: str, settings, tc, tokens: torch.Tensor, labels: np.nda
 
     torch.manual_seed(seed)
     model = build_classifier(kind, settings, tokens.shape[1]).to(device)
-    if kind in ("nt", "nt_bpp"):
+    if kind in NT_KINDS:
         optimizer = make_adam(model, eq11_peak_lr(settings["d_model"], tc.warmup_steps, tc.lr_scale))
         scheduler = warmup_inverse_sqrt(optimizer, tc.warmup_steps)
     else:

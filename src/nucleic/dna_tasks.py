@@ -102,16 +102,16 @@ def attention_motifs(model, tokens: torch.Tensor, labels: np.ndarray, probs: np.
 KNOWN_BOXES = ("TATAAT", "TTGACA")  # sigma-70 consensus: the -10 (Pribnow) and -35 boxes
 
 
-def _mismatches(window: str, box: str) -> int:
-    return sum(a != b for a, b in zip(window, box))
+def fewest_mismatches(sequence: str, box: str) -> int:
+    """The fewest mismatches with `box` over every alignment of it inside `sequence` (upper case)."""
+    return min(sum(a != b for a, b in zip(sequence[o:o + len(box)], box))
+               for o in range(max(1, len(sequence) - len(box) + 1)))
 
 
 def closest_box(kmer: str) -> tuple[str, int]:
     """(the known box the k-mer comes closest to holding, its fewest mismatches over the alignments)."""
-    kmer = kmer.upper()
-    best = min((_mismatches(kmer[o:o + len(box)], box), box) for box in KNOWN_BOXES
-                for o in range(max(1, len(kmer) - len(box) + 1)))
-    return best[1], best[0]
+    mismatches, box = min((fewest_mismatches(kmer.upper(), box), box) for box in KNOWN_BOXES)
+    return box, mismatches
 
 
 def box_frequencies(sequences, labels: np.ndarray) -> pd.DataFrame:
@@ -119,8 +119,7 @@ def box_frequencies(sequences, labels: np.ndarray) -> pd.DataFrame:
     upper = [s.upper() for s in sequences]
     rows = []
     for box in KNOWN_BOXES:
-        fewest = np.array([min(_mismatches(s[o:o + len(box)], box) for o in range(len(s) - len(box) + 1))
-                           for s in upper])
+        fewest = np.array([fewest_mismatches(s, box) for s in upper])
         for allowed in (0, 1):
             holds = fewest <= allowed
             rows.append({"box": box, "mismatches": allowed, "promoters": float(holds[labels == 1].mean()),
