@@ -5,11 +5,16 @@ own sequencing run would be scored.
 
     python benchmarks/viral_loeo.py                       # cpu preset, models of viral.models
     python benchmarks/viral_loeo.py --models rf --preset smoke
+    python benchmarks/viral_loeo.py --name kmer --models viraminer \\
+        --set "viral.viraminer.kmer_branch={ks: [1,2,3,4,5], dense: 64}"
 
-Uses stage 11's training code and caches (work/<preset>/viral_loeo, resumable: a killed run goes on
+Figure: oof/figures/viral_loeo[_<name>].png (AUC per experiment and model, the 0.85 goal dashed).
+Uses stage 11's training code and caches (work/<preset>/viral_loeo/<name>, resumable: a killed run goes on
 where it stopped). Prints per-experiment and mean AUC-ROC / PR-AUC per model, plus the AUC of all
-held-out predictions pooled, and writes them with each fit's minutes to oof/viral_loeo.json. An
-experiment without a viral contig has no AUC; it still counts in the pooled figure.
+held-out predictions pooled, and writes them with each fit's minutes to oof/viral_loeo[_<name>].json. An
+experiment without a viral contig has no AUC; it still counts in the pooled figure. "served" is stage
+11's rule applied inside each split: the model or mean of models with the best validation AUC (the
+validation rows come from the training experiments only), scored on the held-out experiment.
 """
 import argparse
 import time
@@ -18,10 +23,11 @@ import numpy as np
 
 from nucleic.config import Paths, load_config
 from nucleic.dna_data import read_viral
-from nucleic.dna_tasks import fit_and_score, stratified_split, stratified_subset, task_input, viral_key
+from nucleic.dna_tasks import choose_blend, fit_and_score, stratified_split, stratified_subset, task_input, viral_key
 from nucleic.engine import configure_threads, resolve_device
 from nucleic.io_utils import write_json
 from nucleic.metrics import binary_classification_metrics
+from nucleic.plots import plot_grouped_scores
 from nucleic.stage import artifact_meta, claim_work_dir
 
 
@@ -29,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--models", nargs="+", default=None, help="default: viral.models of the preset")
+    parser.add_argument("--name", default="default", help="a variant's name: its own caches and JSON")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     cfg = load_config(args.preset, overrides=args.set)
@@ -37,38 +44,62 @@ def main() -> None:
     device = resolve_device(cfg.train.device)
     frame = stratified_subset(read_viral(task_input(cfg, "viral")), vc.max_rows, cfg.seed)
     labels, groups = frame.label.to_numpy(), frame.group.to_numpy()
-    work = claim_work_dir(Paths(cfg).run / "viral_loeo", viral_key(cfg), False)
+    work = claim_work_dir(Paths(cfg).run / "viral_loeo" / args.name, viral_key(cfg), False)
     models = args.models or list(vc.models)
 
-    rows, pooled = {}, {kind: np.zeros(len(frame)) for kind in models}
+    rows, pooled = {}, {kind: np.zeros(len(frame)) for kind in [*models, "served"]}
     for experiment in sorted(set(groups)):
         test_idx = np.flatnonzero(groups == experiment)
         train_idx, val_idx = stratified_split(np.flatnonzero(groups != experiment), labels, vc.validation_fraction, cfg.seed)
+        viral = int(labels[test_idx].sum())
+        val_probs = {}
         for kind in models:
             start = time.time()
             result = fit_and_score(cfg, vc, kind, frame, train_idx, val_idx, test_idx,
                                    work / f"{experiment}_{kind}.pkl", device)
-            pooled[kind][test_idx] = result["probs"]
-            viral = int(labels[test_idx].sum())
-            scores = result["metrics"] if viral else {"auc": None, "pr_auc": None}
-            rows[f"{experiment}/{kind}"] = {"auc": scores["auc"], "pr_auc": scores["pr_auc"], "n_test": len(test_idx),
-                                           "n_viral": viral, "minutes": round((time.time() - start) / 60, 1)}
-            print(f"{experiment:22s} {kind:5s} n={len(test_idx):6d} viral={viral:4d} "
-                  f"AUC {_show(scores['auc'])} PR-AUC {_show(scores['pr_auc'])}", flush=True)
+            val_probs[kind] = result["val_probs"]
+            row = _row(labels[test_idx], result["probs"], round((time.time() - start) / 60, 1))
+            pooled[kind][test_idx], rows[f"{experiment}/{kind}"] = result["probs"], row
+            print(f"{experiment:22s} {kind:9s} n={len(test_idx):6d} viral={viral:4d} "
+                  f"AUC {_show(row['auc'])} PR-AUC {_show(row['pr_auc'])} ({row['minutes']} min)", flush=True)
+        served, _ = choose_blend(labels[val_idx], val_probs)
+        probs = np.mean([pooled[kind][test_idx] for kind in served], axis=0)
+        pooled["served"][test_idx], rows[f"{experiment}/served"] = probs, _row(labels[test_idx], probs, 0.0)
+        rows[f"{experiment}/served"]["models"] = list(served)
+        print(f"{experiment:22s} served ({' + '.join(served)}): AUC {_show(rows[f'{experiment}/served']['auc'])}",
+              flush=True)
 
     summary = {}
-    for kind in models:
+    for kind in [*models, "served"]:
         mine = [r for key, r in rows.items() if key.endswith(f"/{kind}") and r["auc"] is not None]
+        if not mine:
+            continue
         everything = binary_classification_metrics(labels, pooled[kind])
         summary[kind] = {"mean_auc": float(np.mean([r["auc"] for r in mine])),
                          "mean_pr_auc": float(np.mean([r["pr_auc"] for r in mine])),
                          "pooled_auc": everything["auc"], "pooled_pr_auc": everything["pr_auc"],
                          "experiments_scored": len(mine)}
-        print(f"{kind:5s} mean over {len(mine)} experiments: AUC {summary[kind]['mean_auc']:.4f} "
+        print(f"{kind:9s} mean over {len(mine)} experiments: AUC {summary[kind]['mean_auc']:.4f} "
               f"PR-AUC {summary[kind]['mean_pr_auc']:.4f}; pooled AUC {everything['auc']:.4f} "
               f"PR-AUC {everything['pr_auc']:.4f}")
-    write_json(Paths(cfg).oof / "viral_loeo.json", {"results": rows, "summary": summary, "models": models,
-                                                    **artifact_meta(cfg)})
+    suffix = "" if args.name == "default" else f"_{args.name}"
+    figure = Paths(cfg).figures / f"viral_loeo{suffix}.png"
+    by_experiment = {key.split("/")[0]: {} for key in rows}
+    for key, row in rows.items():
+        experiment, kind = key.split("/")
+        by_experiment[experiment][kind] = row["auc"]
+    by_experiment["mean"] = {kind: s["mean_auc"] for kind, s in summary.items()}
+    plot_grouped_scores(figure, "viral contigs, leave one experiment out (blank: no viral contig)", by_experiment,
+                        "AUC-ROC on the held-out experiment", reference=0.85)
+    write_json(Paths(cfg).oof / f"viral_loeo{suffix}.json", {"results": rows, "summary": summary, "models": models,
+                                                             "settings": args.set, **artifact_meta(cfg)})
+
+
+def _row(labels: np.ndarray, probs: np.ndarray, minutes: float) -> dict:
+    """AUC-ROC and PR-AUC of one held-out experiment (None without a viral contig), its size, minutes."""
+    scores = binary_classification_metrics(labels, probs) if labels.sum() else {"auc": None, "pr_auc": None}
+    return {"auc": scores["auc"], "pr_auc": scores["pr_auc"], "n_test": len(labels), "n_viral": int(labels.sum()),
+            "minutes": minutes}
 
 
 def _show(value) -> str:

@@ -1,4 +1,5 @@
-"""Classifiers (NT, DanQ, CNN), the mutation noise, eq. 11, k-mer features, and a smoke stage 10."""
+"""Classifiers (NT, DanQ, CNN, ViraMiner), both strands, the k-mer branch, the served viral blend, the
+mutation noise, eq. 11, k-mer features, and smoke stages 10-12."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,16 @@ import torch
 from conftest import isolated, load_kernel
 
 from nucleic.classify import balanced_pos_weight, encode_sequences, epoch_indices, kmer_frequencies, mutate
-from nucleic.dna_tasks import box_frequencies, closest_box
-from nucleic.models.classifiers import DanQ, NTClassifier, NucleotideCNN
+from nucleic.dna_tasks import (
+    box_frequencies,
+    choose_blend,
+    closest_box,
+    fit_random_forest,
+    random_forest_proba,
+    save_random_forest,
+)
+from nucleic.models.classifiers import BothStrands, DanQ, NTClassifier, NucleotideCNN, ViraMiner, reverse_complement
+from nucleic.predict import main as predict_main
 
 
 @pytest.mark.parametrize("length", [81, 300, 164])
@@ -19,7 +28,7 @@ def test_forward_shapes_and_padding(length):
     tokens = torch.randint(1, 5, (3, length))
     tokens[2, length // 2:] = 0  # a shorter, padded sequence
     models = [NTClassifier(k=7, nlayer=2, d_model=32, nhead=4, dim_ff=64),
-              DanQ(length, filters=16, lstm=8, dense=16), NucleotideCNN()]
+              DanQ(length, filters=16, lstm=8, dense=16), NucleotideCNN(), ViraMiner(16, dense=16)]
     for model in models:
         assert model(tokens).shape == (3,)
     nt = models[0].eval()
@@ -154,16 +163,28 @@ def prepared_inputs(data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_smoke_viral_stage_reports_every_model_and_protocol(prepared_inputs):
+def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepared_inputs, data_dir, tmp_path):
     workspace, args = prepared_inputs
     assert load_kernel("11_viral").main(args) == 0
     metrics = json.loads((workspace / "oof" / "viral_metrics.json").read_text())
-    assert metrics["auc"] == metrics["results"]["experiment/nt"]["auc"]
+    assert metrics["auc"] == metrics["results"]["experiment/served"]["auc"]
     assert sorted(metrics["results"]) == sorted(f"{p}/{m}" for p in ("experiment", "random_split")
-                                                for m in ("nt", "danq", "rf"))
+                                                for m in ("nt", "danq", "viraminer", "rf", "served"))
     assert metrics["results"]["experiment/nt"]["n_test"] == metrics["results"]["experiment/rf"]["n_test"]
-    for figure in ("viral_roc_pr.png", "viral_learning_curves.png", "viral_confusion_nt.png"):
+    for figure in ("viral_roc_pr.png", "viral_learning_curves.png", "viral_confusion.png"):
         assert (workspace / "figures" / figure).stat().st_size > 10_000
+    served = metrics["served"]["models"]
+    assert served and set(served) <= {"nt", "danq", "viraminer", "rf"}
+    weights = [workspace / "work" / "smoke" / "viral" / f"serve_{k}.{'joblib' if k == 'rf' else 'pt'}" for k in served]
+    assert all(w.exists() for w in weights), "the served models are trained on every experiment"
+    contigs = pd.read_csv(data_dir / "viral" / "exp3_2013_H4.csv", header=None, names=["id", "sequence", "label"])
+    source = tmp_path / "contigs.fa"
+    source.write_text("".join(f">{r.id}\n{r.sequence}\n" for r in contigs.head(4).itertuples()))
+    default, given = tmp_path / "default.csv", tmp_path / "given.csv"
+    assert predict_main(["viral", "--input", str(source), "--output", str(default), *args[:2], *args[4:]]) == 0
+    assert predict_main(["viral", "--input", str(source), "--output", str(given), *args[:2], *args[4:],
+                         "--weights", *map(str, weights)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(default), pd.read_csv(given))
 
 
 @pytest.mark.slow
@@ -205,3 +226,98 @@ def test_cached_fold_results_are_reused_only_under_the_same_settings(tmp_path):
     assert not (claim_work_dir(folder, changed, force=False) / "experiment_nt.pkl").exists(), "new settings: afresh"
     (folder / "experiment_nt.pkl").write_text("trained")
     assert not (claim_work_dir(folder, changed, force=True) / "experiment_nt.pkl").exists(), "--force: afresh"
+
+
+def test_reverse_complement_matches_the_other_strand_and_keeps_padding():
+    sequences = ["ACGTTGCA", "AACCG", "GATTACA"]
+    complement = {"A": "T", "C": "G", "G": "C", "T": "A"}
+    expected = ["".join(complement[b] for b in reversed(s)) for s in sequences]
+    tokens = encode_sequences(sequences)
+    assert torch.equal(reverse_complement(tokens), encode_sequences(expected))
+    assert torch.equal(reverse_complement(reverse_complement(tokens)), tokens)
+
+
+def test_both_strands_gives_one_score_per_contig_whichever_strand_was_read():
+    torch.manual_seed(0)
+    model = BothStrands(ViraMiner(16, dense=16)).eval()
+    tokens = torch.randint(1, 5, (4, 300))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), model(reverse_complement(tokens)))
+        assert not torch.allclose(model.model(tokens), model.model(reverse_complement(tokens)))
+
+
+def test_the_blend_is_chosen_on_validation_auc_and_prefers_fewer_models():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(50), np.zeros(450)]
+    signal = labels + rng.normal(0, 1.0, 500)
+    other = labels + rng.normal(0, 1.0, 500)  # independent errors: the mean of the two is better than either
+    noise = rng.normal(0, 1.0, 500)
+    chosen, auc = choose_blend(labels, {"a": signal, "b": other, "noise": noise})
+    assert chosen == ("a", "b") and auc > max(choose_blend(labels, {"a": signal})[1],
+                                              choose_blend(labels, {"b": other})[1])
+    assert choose_blend(labels, {"a": signal, "copy": signal.copy()})[0] == ("a",)
+
+
+def test_a_saved_random_forest_predicts_through_the_predict_command(tmp_path, capsys):
+    from nucleic.config import load_config
+
+    rng = np.random.default_rng(1)
+    sequences = ["".join(rng.choice(list("ACGT" if i % 4 else "AATT"), 60)) for i in range(80)]
+    frame = pd.DataFrame({"sequence": sequences, "label": [int(i % 4 == 0) for i in range(80)]})
+    cfg = load_config("smoke", ["viral.rf.trees=10"])
+    forest = fit_random_forest(cfg, cfg.viral, frame, np.arange(60))
+    path = tmp_path / "serve_rf.joblib"
+    save_random_forest(path, forest, cfg.viral.rf.ks)
+    source = tmp_path / "in.fa"
+    source.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(sequences[60:])))
+    out = tmp_path / "out.csv"
+    assert predict_main(["viral", "--input", str(source), "--output", str(out), "--preset", "smoke",
+                         "--weights", str(path)]) == 0
+    expected = random_forest_proba(forest, cfg.viral.rf.ks, sequences[60:])
+    np.testing.assert_allclose(pd.read_csv(out).probability.to_numpy(), expected)
+    assert expected[::4].mean() > expected.mean(), "the AT-rich class is told apart"
+    (tmp_path / "bad.joblib").write_bytes(b"not a forest")
+    assert predict_main(["viral", "--input", str(source), "--output", str(tmp_path / "bad.csv"), "--preset",
+                         "smoke", "--weights", str(tmp_path / "bad.joblib")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.joblib: not a random forest written by stage 11" in err[0]
+    assert not (tmp_path / "bad.csv").exists()
+
+
+def test_the_kmer_branch_reads_the_random_forests_features():
+    from nucleic.classify import build_classifier
+    from nucleic.models.classifiers import kmer_profile
+
+    sequences = ["ACGTACGGTTACAGG", "GGGCCA", "ATATATATAT"]
+    tokens = encode_sequences(sequences)
+    for k in (1, 2, 3):
+        np.testing.assert_allclose(kmer_profile(tokens, k).numpy() / 4 ** k, kmer_frequencies(sequences, (k,)),
+                                   atol=1e-6)
+    torch.manual_seed(0)
+    model = build_classifier("viraminer", {"filters": 8, "dense": 8, "both_strands": True,
+                                           "kmer_branch": {"ks": [1, 2, 3], "dense": 8}}, tokens.shape[1]).eval()
+    with torch.no_grad():
+        before = model(tokens)
+        model.model.branch[-1].bias += 1.0  # the branch's logit is added to the network's
+        torch.testing.assert_close(model(tokens), before + 1.0)
+
+
+@pytest.mark.slow
+def test_viral_leave_one_experiment_out_benchmark_scores_every_experiment(data_dir, tmp_path):
+    import sys
+
+    from conftest import run_script
+
+    proc = run_script([sys.executable, "benchmarks/viral_loeo.py", "--preset", "smoke", "--models", "viraminer", "rf",
+                       *isolated(tmp_path)], env={"NT_DATA_DIR": str(data_dir)}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "oof" / "viral_loeo.json").read_text())
+    experiments = sorted(p.stem for p in (data_dir / "viral").glob("exp*.csv"))
+    assert sorted({key.split("/")[0] for key in report["results"]}) == experiments
+    for experiment in experiments:
+        served = report["results"][f"{experiment}/served"]
+        assert set(served["models"]) <= {"viraminer", "rf"}
+        if served["n_viral"]:
+            assert 0 <= served["auc"] <= 1 and report["results"][f"{experiment}/rf"]["auc"] is not None
+    assert set(report["summary"]) == {"viraminer", "rf", "served"}
+    assert (tmp_path / "figures" / "viral_loeo.png").stat().st_size > 10_000

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .dna_data import DNA_ALPHABET
 from .engine import Trainer, eq11_peak_lr, load_checkpoint, make_adam, seed_torch, warmup_inverse_sqrt
 from .features import tokenize
-from .models.classifiers import DanQ, NTClassifier, NucleotideCNN
+from .models.classifiers import BothStrands, DanQ, NTClassifier, NucleotideCNN, ViraMiner, WithKmerBranch
 
 
 def encode_sequences(sequences: list[str], length: int | None = None) -> torch.Tensor:
@@ -67,14 +67,27 @@ def model_settings(task_cfg, kind: str):
 
 
 def build_classifier(kind: str, settings, length: int) -> torch.nn.Module:
+    """The network of `kind` from its settings. Two optional settings wrap it: `kmer_branch: {ks, dense}`
+    adds a k-mer statistics branch (WithKmerBranch), `both_strands: true` scores the mean of its logits on
+    the sequence and on the reverse complement (BothStrands)."""
     settings = dict(settings)
+    both_strands = settings.pop("both_strands", False)
+    kmer_branch = settings.pop("kmer_branch", None)
     if kind in NT_KINDS:
-        return NTClassifier(**settings, structure=kind in STRUCTURE_KINDS)
-    if kind == "danq":
-        return DanQ(length, **settings)
-    if kind == "cnn":
-        return NucleotideCNN(**settings)
-    raise ValueError(f"unknown classifier '{kind}' (nt, nt_bpp, danq, cnn)")
+        model = NTClassifier(**settings, structure=kind in STRUCTURE_KINDS)
+    elif kind == "danq":
+        model = DanQ(length, **settings)
+    elif kind == "cnn":
+        model = NucleotideCNN(**settings)
+    elif kind == "viraminer":
+        model = ViraMiner(**settings)
+    else:
+        raise ValueError(f"unknown classifier '{kind}' (nt, nt_bpp, danq, cnn, viraminer)")
+    if both_strands and kind in STRUCTURE_KINDS:
+        raise ValueError(f"{kind} reads a pairing matrix per strand: both_strands is not supported")
+    if kmer_branch:
+        model = WithKmerBranch(model, **kmer_branch)
+    return BothStrands(model) if both_strands else model
 
 
 def fit_classifier(kind: str, settings, tc, tokens: torch.Tensor, labels: np.ndarray,

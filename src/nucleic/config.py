@@ -86,7 +86,7 @@ KINDS = {
     "download.kaggle_command": "str?", "download.min_signal_to_noise": "number?", "download.timeout_s": "number",
     "train.grad_clip": "number?", "pretrain.grad_clip": "number?", "train.init_weights": "str?", "train.val_structures": "int?",
     "train.column_weights": "list?", "train.bf16": "bool|auto",
-    "*.pos_weight": "number|balanced", "*.negatives_per_positive": "number?", "*.max_rows": "int?",
+    "*.kmer_branch": "dict?", "*.pos_weight": "number|balanced", "*.negatives_per_positive": "number?", "*.max_rows": "int?",
 }
 MINIMA = {"train.folds": 2, "train.epochs": 0, "train.batch_size": 1, "train.eval_batch_size": 1,
           "train.eval_every": 1, "train.lr": 0, "pretrain.epochs": 0, "pretrain.batch_size": 1,

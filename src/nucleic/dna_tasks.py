@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .classify import encode_sequences, fit_classifier, model_settings, predict_proba, save_classifier
 from .config import Config, Paths
@@ -185,13 +186,19 @@ def _data_key(cfg: Config, section: str, task: str) -> dict:
 
 def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_idx, val_idx, test_idx,
                   cache: Path, device) -> dict:
-    """Train `kind` on train_idx, score test_idx; cached. With val_idx, the epoch with the best
-    validation AUC is kept; without (None), the last epoch (the test set then only draws the curves)."""
+    """Train `kind` on train_idx, score test_idx; cached, with the model beside the cache (.pt, or
+    .joblib for the random forest). With val_idx, the epoch with the best validation AUC is kept and the
+    validation rows' probabilities are returned too ("val_probs", for choosing a blend); without (None),
+    the last epoch (the test set then only draws the curves)."""
     result = read_cache(cache)
-    if result is None:
+    if result is None or (val_idx is not None and "val_probs" not in result):
         labels = frame.label.to_numpy()
+        scored = [test_idx] if val_idx is None else [test_idx, val_idx]
         if kind == "rf":
-            probs, history = _random_forest(cfg, task_cfg, frame, train_idx, test_idx), []
+            forest = fit_random_forest(cfg, task_cfg, frame, train_idx)
+            save_random_forest(cache.with_suffix(".joblib"), forest, task_cfg.rf.ks)
+            probs = [random_forest_proba(forest, task_cfg.rf.ks, list(frame.sequence.iloc[rows])) for rows in scored]
+            history = []
         else:
             tokens = encode_sequences(list(frame.sequence))
             pairs = structure_input(cfg, kind, frame, tokens.shape[1])
@@ -201,23 +208,54 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
                                             run_dir=cache.with_suffix(""), desc=cache.stem,
                                             select_best=val_idx is not None, pairs=_take(pairs, train_idx),
                                             val_pairs=_take(pairs, watch))
-            probs = predict_proba(model, tokens[test_idx], device, 256, _take(pairs, test_idx))
+            probs = [predict_proba(model, tokens[rows], device, 256, _take(pairs, rows)) for rows in scored]
             save_classifier(cache.with_suffix(".pt"), kind, model_settings(task_cfg, kind), tokens.shape[1], model)
-        result = {"probs": probs, "history": history}
+        result = {"probs": probs[0], "history": history} | ({} if val_idx is None else {"val_probs": probs[1]})
         write_pickle(cache, result)
     return {**result, "metrics": binary_classification_metrics(frame.label.to_numpy()[test_idx], result["probs"])}
 
 
-def _random_forest(cfg: Config, task_cfg, frame: pd.DataFrame, train_idx, test_idx) -> np.ndarray:
+def fit_random_forest(cfg: Config, task_cfg, frame: pd.DataFrame, train_idx):
     from sklearn.ensemble import RandomForestClassifier
 
     from .classify import kmer_frequencies
 
-    features = kmer_frequencies(list(frame.sequence), tuple(task_cfg.rf.ks))
+    features = kmer_frequencies(list(frame.sequence.iloc[train_idx]), tuple(task_cfg.rf.ks))
     forest = RandomForestClassifier(n_estimators=task_cfg.rf.trees, class_weight="balanced_subsample",
                                     n_jobs=-1, random_state=cfg.seed)
-    forest.fit(features[train_idx], frame.label.to_numpy()[train_idx])
-    return forest.predict_proba(features[test_idx])[:, 1]
+    return forest.fit(features, frame.label.to_numpy()[train_idx])
+
+
+def random_forest_proba(forest, ks, sequences: list[str]) -> np.ndarray:
+    from .classify import kmer_frequencies
+
+    return forest.predict_proba(kmer_frequencies(sequences, tuple(ks)))[:, 1]
+
+
+def save_random_forest(path: Path, forest, ks) -> None:
+    """The forest and its k-mer sizes, with joblib (the predict command loads it)."""
+    import joblib
+
+    from .io_utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        joblib.dump({"kind": "rf", "ks": list(ks), "forest": forest}, tmp)
+
+
+def choose_blend(labels: np.ndarray, val_probs: dict[str, np.ndarray]) -> tuple[tuple[str, ...], float]:
+    """Of every model alone and every mean of the probabilities of two or more, the one with the best
+    validation AUC (on a tie, fewer models): (its models, that AUC)."""
+    import itertools
+
+    from sklearn.metrics import roc_auc_score
+
+    best, best_auc = None, -1.0
+    for size in range(1, len(val_probs) + 1):
+        for models in itertools.combinations(val_probs, size):
+            auc = roc_auc_score(labels, np.mean([val_probs[m] for m in models], axis=0))
+            if auc > best_auc + 1e-12:
+                best, best_auc = models, float(auc)
+    return best, best_auc
 
 
 def stratified_split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +276,10 @@ def viral_key(cfg: Config) -> dict:
 
 
 def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
-    """(a) one whole experiment held out, train/validate on the others; (b) a stratified random split.
+    """(a) one whole experiment held out, train/validate on the others; (b) a stratified random split
+    (viral.protocols). The served model: of every model and every mean of two or more, the one with the
+    best AUC on protocol (a)'s validation rows, retrained on every experiment (10 % kept apart for the
+    best epoch) and written to work/<preset>/viral/serve_<kind>.{pt,joblib} for the predict command.
     Class imbalance (~2 % viral): optionally undersampled negatives per epoch (viral.negatives_per_positive),
     positives weighted by negatives/positives in the BCE loss, balanced class weights in the random
     forest, and PR-AUC reported beside AUC-ROC."""
@@ -255,33 +296,54 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
         from .stage import InputError
         raise InputError(task_input(cfg, "viral"), f"no sequences of experiment '{vc.holdout_experiment}' "
                          f"(viral.holdout_experiment; found {', '.join(sorted(frame.group.unique()))})")
-    others = np.setdiff1d(everything, held_out)
-    protocols = {"experiment": (*stratified_split(others, labels, vc.validation_fraction, cfg.seed), held_out)}
-    train_val, random_test = stratified_split(everything, labels, vc.test_fraction, cfg.seed)
-    protocols["random_split"] = (*stratified_split(train_val, labels, vc.validation_fraction, cfg.seed), random_test)
+    unknown = set(vc.protocols) - {"experiment", "random_split"}
+    if unknown or "experiment" not in vc.protocols:
+        from .config import ConfigError
+        raise ConfigError(f"config key 'viral.protocols': expected experiment, optionally with random_split; "
+                          f"got {list(vc.protocols)}")
+    protocols = {"experiment": (*stratified_split(np.setdiff1d(everything, held_out), labels,
+                                                  vc.validation_fraction, cfg.seed), held_out)}
+    if "random_split" in vc.protocols:
+        train_val, random_test = stratified_split(everything, labels, vc.test_fraction, cfg.seed)
+        protocols["random_split"] = (*stratified_split(train_val, labels, vc.validation_fraction, cfg.seed),
+                                     random_test)
     work = claim_work_dir(paths.run / "viral", viral_key(cfg), force)
     results = {(p, kind): fit_and_score(cfg, vc, kind, frame, *idx, work / f"{p}_{kind}.pkl", device)
                for p, idx in protocols.items() for kind in vc.models}
+    served, served_val_auc = choose_blend(labels[protocols["experiment"][1]],
+                                          {k: results[("experiment", k)]["val_probs"] for k in vc.models})
+    for p, (_, _, test_idx) in protocols.items():
+        probs = np.mean([results[(p, k)]["probs"] for k in served], axis=0)
+        results[(p, "served")] = {"probs": probs, "history": [],
+                                  "metrics": binary_classification_metrics(labels[test_idx], probs)}
+    serve_train, serve_val = stratified_split(everything, labels, vc.validation_fraction, cfg.seed)
+    for kind in tqdm(served, desc="served model, every experiment", leave=False):
+        fit_and_score(cfg, vc, kind, frame, serve_train, serve_val, serve_val, work / f"serve_{kind}.pkl", device)
     report = {f"{p}/{kind}": {m: r["metrics"][m] for m in ("auc", "pr_auc", "accuracy", "mcc")} |
               {"n_test": len(protocols[p][2]), "n_test_viral": int(labels[protocols[p][2]].sum())}
               for (p, kind), r in results.items()}
-    headline = report.get("experiment/nt", report[f"experiment/{vc.models[0]}"])
+    headline = report["experiment/served"]
     metrics = paths.oof / "viral_metrics.json"
     write_json(metrics, {"auc": headline["auc"], "pr_auc": headline["pr_auc"],
-                         "holdout_experiment": vc.holdout_experiment, "results": report,
-                         "imbalance": _imbalance_note(vc),
-                         **artifact_meta(cfg)})
+                         "holdout_experiment": vc.holdout_experiment,
+                         "served": {"models": list(served), "validation_auc": served_val_auc,
+                                    "weights": [str(served_weights(work, k)) for k in served]},
+                         "results": report, "imbalance": _imbalance_note(vc), **artifact_meta(cfg)})
     figures = [paths.figures / "viral_roc_pr.png", paths.figures / "viral_learning_curves.png",
-               paths.figures / "viral_confusion_nt.png"]
+               paths.figures / "viral_confusion.png"]
     plot_roc_pr(figures[0], "viral contigs: every model and protocol", {f"{p}/{k}": (labels[protocols[p][2]], r["probs"])
                                                for (p, k), r in results.items()})
     curves = {f"{p}/{k}": r["history"] for (p, k), r in results.items() if r["history"]}
     plot_classifier_learning_curves(figures[1], "viral: training loss and validation AUC", list(curves.values()),
                                     list(curves))
-    headline_kind = "nt" if "nt" in vc.models else vc.models[0]
-    plot_confusion(figures[2], f"held-out experiment ({headline_kind})", labels[held_out],
-                   results[("experiment", headline_kind)]["probs"])
+    plot_confusion(figures[2], f"held-out experiment (served: {' + '.join(served)})", labels[held_out],
+                   results[("experiment", "served")]["probs"])
     return [metrics, *figures], {k: round(v["auc"], 4) for k, v in report.items()}
+
+
+def served_weights(work: Path, kind: str) -> Path:
+    """Where stage 11 writes the served model `kind`, trained on every experiment."""
+    return work / f"serve_{kind}.{'joblib' if kind == 'rf' else 'pt'}"
 
 
 def mirna_key(cfg: Config) -> dict:

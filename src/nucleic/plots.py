@@ -175,3 +175,25 @@ def plot_roc_pr(path, title: str, curves: dict) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title)
     save_figure(fig, path)
+
+
+def plot_grouped_scores(path, title: str, scores: dict[str, dict[str, float | None]], ylabel: str,
+                        reference: float | None = None) -> None:
+    """Bars per group (e.g. held-out experiment) and per model; None (no score) is left blank; an
+    optional dashed reference line (e.g. a goal)."""
+    groups = list(scores)
+    models = list(dict.fromkeys(m for row in scores.values() for m in row))
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups)), 4.0))
+    for i, model in enumerate(models):
+        values = [scores[g].get(model) for g in groups]
+        x = np.arange(len(groups)) + (i - (len(models) - 1) / 2) * width
+        ax.bar(x, [np.nan if v is None else v for v in values], width, label=model)
+    if reference is not None:
+        ax.axhline(reference, color="black", linestyle="--", linewidth=1)
+    ax.set_xticks(np.arange(len(groups)), groups, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=min(len(models), 5))
+    save_figure(fig, path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -21,10 +22,12 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError, Paths, load_config
+from .dna_tasks import random_forest_proba, served_weights
 from .features import clean_sequence
 from .stage import InputError, read_text
 
 MAX_RNA_LENGTH = 500
+MAX_DNA_LENGTH = 100_000  # random forests only: k-mer counts take any length
 TASKS = ("openvaccine", "promoter", "viral", "mirna")
 
 
@@ -91,20 +94,41 @@ def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFra
 
 
 def predict_classifier(cfg, records, weights: list[Path], path: Path, device) -> pd.DataFrame:
+    """The mean probability of every given model: networks (.pt, stages 10-12) and random forests
+    (.joblib, stage 11). Sequences may be as long as the shortest length a network was trained on."""
     from .classify import encode_sequences, load_classifier, predict_proba
     from .dna_data import DNA_ALPHABET
     from .structures import pairing_probabilities
 
-    models = [load_classifier(w, device) for w in weights]
-    length = models[0][1]
+    forests = [load_random_forest(w) for w in weights if w.suffix == ".joblib"]
+    models = [load_classifier(w, device) for w in weights if w.suffix != ".joblib"]
+    length = min((trained for _, trained in models), default=MAX_DNA_LENGTH)
     cleaned = clean_records(records, path, DNA_ALPHABET, length)
     sequences = [s for _, s in cleaned]
-    tokens = encode_sequences(sequences, length)
-    reads_structure = any(getattr(model, "structure", False) for model, _ in models)
-    pairs = pairing_probabilities(cfg, sequences, length) if reads_structure else None  # folded as in training
-    probability = np.mean([predict_proba(model, tokens, device, 256, pairs if getattr(model, "structure", False)
-                                         else None) for model, _ in models], axis=0)
-    return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": probability})
+    probabilities = [random_forest_proba(forest["forest"], forest["ks"], sequences) for forest in forests]
+    if models:
+        tokens = encode_sequences(sequences, length)
+        reads_structure = any(getattr(model, "structure", False) for model, _ in models)
+        pairs = pairing_probabilities(cfg, sequences, length) if reads_structure else None  # folded as in training
+        probabilities += [predict_proba(model, tokens, device, 256, pairs if getattr(model, "structure", False)
+                                        else None) for model, _ in models]
+    return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": np.mean(probabilities, axis=0)})
+
+
+def load_random_forest(path: Path) -> dict:
+    """A forest written by stage 11 ({"kind": "rf", "ks", "forest"}). joblib files are pickles: load
+    only ones you trust (your own runs)."""
+    import joblib
+
+    if not path.exists():
+        raise InputError(path, "no such file")
+    try:
+        saved = joblib.load(path)
+    except Exception as err:  # a truncated or foreign file: one line, not a traceback
+        raise InputError(path, f"not a random forest written by stage 11 ({type(err).__name__})") from None
+    if not isinstance(saved, dict) or saved.get("kind") != "rf":
+        raise InputError(path, "not a random forest written by stage 11")
+    return saved
 
 
 def default_weights(cfg, task: str) -> list[Path]:
@@ -116,11 +140,12 @@ def default_weights(cfg, task: str) -> list[Path]:
         found = sorted((run / "promoter" / cfg.promoter.model).glob("fold*.pt"))
         stage = "10_promoter"
     elif task == "viral":
-        found = sorted((run / "viral").glob(f"experiment_{cfg.viral.models[0]}.pt"))
+        metrics = Paths(cfg).oof / "viral_metrics.json"
+        served = json.loads(metrics.read_text())["served"]["models"] if metrics.exists() else []
+        found = [served_weights(run / "viral", kind) for kind in served]
+        found = found if all(path.exists() for path in found) else []
         stage = "11_viral"
     else:
-        import json
-
         metrics = Paths(cfg).oof / "mirna_metrics.json"
         best = json.loads(metrics.read_text())["best_model"] if metrics.exists() else cfg.mirna.models[0]
         found = sorted((run / "mirna").glob(f"paper_{best}.pt"))

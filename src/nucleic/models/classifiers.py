@@ -129,3 +129,83 @@ class NucleotideCNN(nn.Module):
         x = one_hot(tokens)
         pooled = torch.cat([F.relu(conv(x)).amax(dim=-1) for conv in self.convs], dim=1)
         return self.head(self.dropout(F.relu(self.dense(pooled)))).squeeze(-1)
+
+
+class ViraMiner(nn.Module):
+    """Two convolutional branches over the one-hot sequence, after ViraMiner (Tampuu et al. 2019): a
+    pattern branch (global max-pool: does a motif occur anywhere?) and a frequency branch (global
+    average-pool: how much of the contig looks like it?), each to a dense layer + dropout; their
+    concatenation gives the logit."""
+
+    def __init__(self, filters: int = 128, pattern_kernel: int = 11, frequency_kernel: int = 7, dense: int = 128,
+                 dropout: float = 0.5):
+        super().__init__()
+        self.pattern_conv = nn.Conv1d(4, filters, pattern_kernel)
+        self.frequency_conv = nn.Conv1d(4, filters, frequency_kernel)
+        self.pattern_dense = nn.Linear(filters, dense)
+        self.frequency_dense = nn.Linear(filters, dense)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * dense, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = one_hot(tokens)
+        valid = (tokens != 0).float()[:, None, :]  # padding and N: out of the average
+        pattern = F.relu(self.pattern_conv(x)).amax(dim=-1)
+        frequency = F.relu(self.frequency_conv(x))
+        covered = valid[..., : frequency.shape[-1]]
+        frequency = (frequency * covered).sum(-1) / covered.sum(-1).clamp(min=1.0)
+        branches = [F.relu(self.pattern_dense(self.dropout(pattern))),
+                    F.relu(self.frequency_dense(self.dropout(frequency)))]
+        return self.head(self.dropout(torch.cat(branches, dim=1))).squeeze(-1)
+
+
+def reverse_complement(tokens: torch.Tensor) -> torch.Tensor:
+    """Token ids of the other strand: each sequence reversed within its length and A<->T, C<->G;
+    N stays N, the 3' padding stays at the end."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    lengths = ((tokens != 0) * (positions + 1)).amax(dim=1, keepdim=True)  # to the last base; inner Ns kept
+    source = (lengths - 1 - positions).clamp(min=0)
+    flipped = tokens.gather(1, source)
+    complement = torch.where(flipped > 0, 5 - flipped, flipped)
+    return torch.where(positions < lengths, complement, torch.zeros_like(tokens))
+
+
+class BothStrands(nn.Module):
+    """A sequence classifier that reads both strands: the mean of its logits on the sequence and on its
+    reverse complement. A contig may come from either strand of a genome, so the score should not
+    depend on which one was sequenced."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.model(tokens) + self.model(reverse_complement(tokens)))
+
+
+def kmer_profile(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, 4**k) frequency of every k-mer of each sequence (k-mers holding N or padding left out), over
+    the uniform 1 / 4**k, so every k gives features around 1. The k-mer order is kmer_frequencies'."""
+    windows = (tokens - 1).unfold(1, k, 1)  # (B, L-k+1, k), -1 = N / padding
+    valid = (windows >= 0).all(dim=-1).float()
+    index = (windows.clamp(min=0) * 4 ** torch.arange(k - 1, -1, -1, device=tokens.device)).sum(dim=-1)
+    counts = torch.zeros(tokens.shape[0], 4 ** k, device=tokens.device).scatter_add_(1, index, valid)
+    return counts / counts.sum(dim=1, keepdim=True).clamp(min=1.0) * 4 ** k
+
+
+class WithKmerBranch(nn.Module):
+    """A classifier plus a k-mer statistics branch: the k-mer profiles of the sequence (k in ks, the
+    features of the random-forest baseline) through a small MLP, whose logit is added to the
+    classifier's, both trained together."""
+
+    def __init__(self, model: nn.Module, ks: tuple[int, ...] = (1, 2, 3, 4, 5), dense: int = 64,
+                 dropout: float = 0.5):
+        super().__init__()
+        self.model = model
+        self.ks = tuple(ks)
+        self.branch = nn.Sequential(nn.Linear(sum(4 ** k for k in self.ks), dense), nn.ReLU(), nn.Dropout(dropout),
+                                    nn.Linear(dense, 1))
+
+    def forward(self, tokens: torch.Tensor, *extra) -> torch.Tensor:
+        profile = torch.cat([kmer_profile(tokens, k) for k in self.ks], dim=1)
+        return self.model(tokens, *extra) + self.branch(profile).squeeze(-1)
