@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Nucleic Transformer speed on this machine: training samples/s and inference sequences/s for the
-`paper` and `cpu` model configs, and what threads, bf16 autocast, channels_last and torch.compile give.
+`paper` and `cpu` model configs, and what threads, bf16 autocast, channels_last and torch.compile give;
+then, for the variant each preset uses, where the time goes (embeddings, k-mer convolutions, pair path,
+attention, feed-forward, optimizer, data collation) in a training step and in an inference batch.
 
-    python benchmarks/train_benchmark.py                 # all variants (a few minutes on 2 cores)
-    python benchmarks/train_benchmark.py --quick         # default settings only
+    python benchmarks/train_benchmark.py                 # all variants (about 10 min on 2 AVX2 cores)
+    python benchmarks/train_benchmark.py --quick         # plain fp32 and the preset's variant only
 
 Synthetic inputs (speed does not depend on values). Inference counts a sequence as 12 forward
 passes, as stage 03/06 average over the 12 structure predictions. Prints figures; asserts nothing.
@@ -11,9 +13,11 @@ passes, as stage 03/06 average over the 12 structure predictions. Prints figures
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from nucleic.config import load_config
+from nucleic.dataset import RNATensors, collate
 from nucleic.engine import autocast, make_optimizer, native_bf16, use_bf16
 from nucleic.losses import error_weighted_mse
 from nucleic.train import build_model
@@ -50,7 +54,7 @@ def train_rate(model, cfg, batch, length, bf16, channels_last, steps) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def inference_rate(model, length, bf16, channels_last, steps, sequences_per_step=8) -> float:
     model.eval()
     x = inputs(sequences_per_step * N_STRUCTURES, length, channels_last)
@@ -62,26 +66,123 @@ def inference_rate(model, length, bf16, channels_last, steps, sequences_per_step
     return steps * sequences_per_step / (time.perf_counter() - start)
 
 
-def pair_path_share(model, batch, length) -> float:
-    """Fraction of a training step's CPU time spent in the 2-D pair path (conv2d + transposed conv2d)."""
-    from torch.profiler import ProfilerActivity, profile
+# Which modules make up each part of a training step (the optimizer and the collation are timed apart).
+COMPONENTS = {
+    "embeddings + head": lambda m: [m.sequence_embedding, m.structure_embedding, m.loop_embedding, m.project, m.head],
+    "k-mer conv": lambda m: [x for layer in m.layers for x in (layer.kmer_conv, layer.kmer_norm, layer.deconv,
+                                                                layer.out_norm)],
+    "pair path": lambda m: [m.pair_in] + [x for layer in m.layers for x in (layer.pair_conv, layer.pair_to_bias,
+                                                                             layer.pair_deconv)],
+    "attention": lambda m: [x for layer in m.layers for x in (layer.encoder.attention, layer.encoder.dropout,
+                                                               layer.encoder.attn_norm)],
+    "feed-forward": lambda m: [x for layer in m.layers for x in (layer.encoder.feed_forward, layer.encoder.ff_norm)],
+}
 
-    x = inputs(batch, length, False)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(**x)[:, :68].sum().backward()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    pair = sum(e.self_cpu_time_total for e in events
-               if any(name in e.key for name in ("conv2d", "convolution_backward", "slow_conv_transpose2d",
-                                                 "mkldnn_convolution", "_convolution")))
-    one_d = sum(e.self_cpu_time_total for e in events if "conv1d" in e.key)
-    return (pair - one_d) / total
+
+def captured_calls(model, x, requires_grad: bool = True) -> dict:
+    """{module: its positional inputs} from one forward pass (detached; float ones requiring grad for training:
+    at inference they must not, or attention leaves torch's fused kernel)."""
+    calls, hooks = {}, []
+
+    def keep(module, args):
+        calls[module] = tuple(a.detach().clone().requires_grad_(requires_grad and a.is_floating_point())
+                              if torch.is_tensor(a) else a for a in args)
+    for module in model.modules():
+        hooks.append(module.register_forward_pre_hook(keep))
+    model(**x)
+    for hook in hooks:
+        hook.remove()
+    return calls
+
+
+def component_ms(modules, calls, repeats: int, backward: bool = True) -> float:
+    """Median ms of forward (+ backward) through `modules`, each on its own captured inputs."""
+    def once():
+        with torch.inference_mode(not backward):
+            for module in modules:
+                out = module(*calls[module])
+                out = out[0] if isinstance(out, tuple) else out
+                if backward:
+                    out.backward(torch.ones_like(out))
+    once()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def collate_ms(batch: int, length: int, channels_last: bool, repeats: int) -> float:
+    """Median ms to collate one training batch from RNATensors (12 structure predictions per RNA)."""
+    n, rng = 4 * batch, np.random.default_rng(0)
+    data = RNATensors(ids=[str(i) for i in range(n)], sequence=[rng.integers(1, 5, length) for _ in range(n)],
+                      structure=[rng.integers(1, 4, (N_STRUCTURES, length)) for _ in range(n)],
+                      loop=[rng.integers(1, 8, (N_STRUCTURES, length)) for _ in range(n)],
+                      bpp=[rng.random((N_STRUCTURES, length, length)).astype(np.float16) for _ in range(n)],
+                      seq_scored=np.full(n, 68), targets=[rng.random((68, 5)) for _ in range(n)],
+                      errors=[rng.random((68, 5)) for _ in range(n)])
+    times = []
+    for _ in range(repeats):
+        indices, slots = rng.choice(n, batch, replace=False), rng.integers(0, N_STRUCTURES, batch)
+        start = time.perf_counter()
+        collate(data, indices, slots, torch.device("cpu"), with_labels=True, channels_last=channels_last)
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def profile_split(cfg, batch: int, length: int, bf16: bool, channels_last: bool, repeats: int = 5) -> dict[str, float]:
+    """ms per training step of each part: forward + backward of every module group, the optimizer step
+    and the batch collation; 'whole step' is one full step for comparison (the rest is autograd glue)."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    optimizer = make_optimizer(model, cfg.train)
+    x = inputs(batch, length, channels_last)
+    split = {}
+    with autocast(torch.device("cpu"), bf16):
+        calls = captured_calls(model, x)
+        for name, modules in COMPONENTS.items():
+            split[name] = component_ms(modules(model), calls, repeats)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    split["optimizer"] = 1e3 * sorted(times[1:])[repeats // 2]
+    split["data collation"] = collate_ms(batch, length, channels_last, repeats)
+    split["whole step"] = 1e3 * batch / train_rate(model, cfg, batch, length, bf16, channels_last, repeats)
+    return split
+
+
+def inference_split(cfg, length: int, bf16: bool, channels_last: bool, repeats: int = 3,
+                    sequences: int = 8) -> dict[str, float]:
+    """ms of each part of one inference batch (`sequences` x 12 structures, forward only), and the
+    whole forward pass."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    x = inputs(sequences * N_STRUCTURES, length, channels_last)
+    with autocast(torch.device("cpu"), bf16):
+        calls = captured_calls(model, x, requires_grad=False)
+        split = {name: component_ms(modules(model), calls, repeats, backward=False)
+                 for name, modules in COMPONENTS.items()}
+    split["whole forward"] = 1e3 * sequences / inference_rate(model, length, bf16, channels_last, repeats, sequences)
+    return split
+
+
+def print_split(title: str, split: dict[str, float]) -> None:
+    whole = list(split)[-1]
+    print(f"  {title} (ms):")
+    for name, ms in split.items():
+        share = f"{100 * ms / split[whole]:5.1f} %" if name != whole else ""
+        print(f"    {name:20s} {ms:8.1f} {share}")
+    print(f"    {'(sum of parts)':20s} {sum(v for k, v in split.items() if k != whole):8.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--emulated-bf16", action="store_true", help="also time bf16 where the CPU only emulates it")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per variant (inference: half)")
     args = parser.parse_args()
     max_threads = torch.get_num_threads()
     cpu = torch.device("cpu")
@@ -94,13 +195,17 @@ def main() -> None:
         print(f"\n[{preset}] nlayer={cfg.model.nlayer} d_model={cfg.model.d_model} nhead={cfg.model.nhead} "
               f"ff={cfg.model.dim_ff} pair_channels={cfg.model.pair_channels} ({params:.2f} M parameters), batch {batch}")
         preset_bf16 = use_bf16(cpu, cfg.train.bf16)
-        variants = [("default", max_threads, False, False, False),
-                    (f"preset (bf16 {preset_bf16}, CL {cfg.train.channels_last})", max_threads, preset_bf16,
+        variants = [("plain fp32", max_threads, False, False, False),
+                    (f"PRESET'S: bf16 {preset_bf16}, CL {cfg.train.channels_last}", max_threads, preset_bf16,
                      cfg.train.channels_last, False)]
         if not args.quick:
-            variants += [("1 thread", 1, False, False, False), ("bf16 autocast", max_threads, True, False, False),
+            variants += [("1 thread", 1, False, False, False),
                          ("channels_last pair path", max_threads, False, True, False),
                          ("torch.compile", max_threads, False, False, True)]
+            if native_bf16(cpu) or args.emulated_bf16:
+                variants.insert(-2, ("bf16 autocast", max_threads, True, False, False))
+            else:
+                print("  (bf16 autocast skipped: emulated on this CPU, 10-20x slower than fp32; --emulated-bf16 runs it)")
         for name, threads, bf16, channels_last, compiled in variants:
             torch.set_num_threads(threads)
             torch.manual_seed(0)
@@ -116,8 +221,10 @@ def main() -> None:
             print(f"  {name:26s} train {train:7.1f} samples/s (L=107) | inference {infer[107]:6.1f} seq/s (L=107), "
                   f"{infer[130]:6.1f} seq/s (L=130), x{N_STRUCTURES} structures")
         torch.set_num_threads(max_threads)
-        print(f"  pair path (conv2d + deconv2d) share of a training step: "
-              f"{100 * pair_path_share(build_model(cfg.model), batch, 107):.0f} %")
+        print_split("one training step of the preset's variant, forward + backward per part",
+                    profile_split(cfg, batch, 107, preset_bf16, cfg.train.channels_last))
+        print_split(f"one inference batch of the preset's variant, 8 sequences x {N_STRUCTURES} structures",
+                    inference_split(cfg, 107, preset_bf16, cfg.train.channels_last))
 
 
 if __name__ == "__main__":

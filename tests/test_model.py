@@ -6,12 +6,21 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nucleic.config import load_config
 from nucleic.engine import flat_then_cosine, make_optimizer
 from nucleic.losses import error_weighted_mse, error_weights
 from nucleic.metrics import mcrmse
-from nucleic.models.nucleic_transformer import NTConfig, NucleicTransformer
+from nucleic.models.nucleic_transformer import (
+    KmerAttention,
+    NTConfig,
+    NucleicTransformer,
+    ScaledPointwiseConv,
+    drop_mask,
+    dropout,
+    explicit_attention,
+)
 from nucleic.train import build_model
 
 
@@ -40,6 +49,77 @@ def test_sdpa_path_matches_explicit_attention():
     fast = model(**inputs)
     hidden, _ = model.encode(**inputs, need_weights=True)
     assert torch.allclose(fast, model.head(hidden), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4_000_003,), (1000, 997, 3)])
+def test_drop_mask_drops_at_rate_p_from_packed_bits(shape):
+    torch.manual_seed(0)
+    mask = drop_mask(shape, 0.1, torch.device("cpu"))
+    n = math.prod(shape)
+    assert mask.shape == shape and mask.dtype == torch.bool
+    assert abs(mask.float().mean().item() - 0.1) < 5 * math.sqrt(0.09 / n)
+    for axis in range(4):  # the 4 int16 lanes of each 64-bit draw are each uniform
+        lane = mask.flatten()[axis:n - n % 4:4].float().mean().item()
+        assert abs(lane - 0.1) < 5 * math.sqrt(0.09 * 4 / n)
+    torch.manual_seed(0)
+    assert torch.equal(drop_mask(shape, 0.1, torch.device("cpu")), mask)  # torch's generator decides
+
+
+def test_dropout_is_inverted_dropout_with_its_mask():
+    x = torch.rand(64, 300, requires_grad=True)
+    torch.manual_seed(3)
+    dropped = dropout(x, 0.25, training=True)
+    torch.manual_seed(3)
+    mask = drop_mask(x.shape, 0.25, x.device)
+    assert torch.allclose(dropped, torch.where(mask, 0.0, x / 0.75)) and torch.equal(dropped == 0, mask)
+    dropped.sum().backward()
+    assert torch.allclose(x.grad, (~mask).float() / 0.75)
+    assert dropout(x, 0.25, training=False) is x and dropout(x, 0.0, training=True) is x
+    big = dropout(torch.ones(2_000_000), 0.1, training=True)
+    assert abs(big.mean().item() - 1.0) < 0.003  # expectation kept
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_explicit_attention_matches_sdpa_without_dropout(with_bias):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 33, 8, generator=g, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, 4, 33, 33, generator=g, requires_grad=True) if with_bias else None
+    ours, weights = explicit_attention(q, k, v, bias, 0.0)
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 4, 33), atol=1e-5)
+    leaves = [q, k, v] + ([bias] if with_bias else [])
+    ours_grad = torch.autograd.grad(ours.pow(2).sum(), leaves)
+    theirs_grad = torch.autograd.grad(theirs.pow(2).sum(), leaves)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(ours_grad, theirs_grad))
+
+
+def test_attention_dropout_drops_weights_and_rescales():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 20, 8, generator=g) for _ in range(3))
+    bias = torch.randn(2, 4, 20, 20, generator=g)
+    torch.manual_seed(5)
+    context, weights = explicit_attention(q, k, v, bias, 0.2)
+    torch.manual_seed(5)
+    mask = drop_mask((8, 20, 20), 0.2, q.device).view(2, 4, 20, 20)
+    assert torch.allclose(context, torch.where(mask, 0.0, weights) @ v / 0.8, atol=1e-5)
+    attention = KmerAttention(32, 4, dropout=0.2)
+    x = torch.randn(2, 20, 32, generator=g)
+    torch.manual_seed(0)
+    first, _ = attention.train()(x, bias)
+    second, _ = attention(x, bias)
+    assert not torch.allclose(first, second)  # a fresh mask per call
+    assert torch.allclose(attention.eval()(x, bias)[0], attention(x, bias)[0])  # eval: no dropout
+
+
+def test_pair_bias_conv_folds_gamma_into_its_kernel():
+    conv = ScaledPointwiseConv(4, 6)
+    gamma = torch.tensor([0.7], requires_grad=True)
+    x = torch.randn(2, 4, 9, 9)
+    folded = conv(x, gamma)
+    assert torch.allclose(folded, gamma * F.conv2d(x, conv.weight, conv.bias), atol=1e-6)
+    (grad,) = torch.autograd.grad(folded.sum(), gamma)
+    assert torch.allclose(grad, F.conv2d(x, conv.weight, conv.bias).sum().reshape(1), rtol=1e-4)
 
 
 def test_pair_bias_changes_the_output():

@@ -41,8 +41,9 @@ def train_command(workspace):
             *isolated(workspace), "--set", "train.threads=1"]
 
 
-def train(workspace):
-    result = subprocess.run(train_command(workspace), cwd=REPO, capture_output=True, text=True)
+def train(workspace, *settings: str):
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    result = subprocess.run(train_command(workspace) + sets, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -111,6 +112,16 @@ def test_oof_is_deterministic_for_a_fixed_seed(folded_workspace, trained_workspa
     again = copy_of(folded_workspace, tmp_path / "again")
     train(again)
     assert (again / "oof" / "nt.csv").read_bytes() == (trained_workspace / "oof" / "nt.csv").read_bytes()
+
+
+@pytest.mark.parametrize("fast_path", ["train.channels_last=true", "train.bf16=true"])
+def test_a_fast_path_keeps_the_oof_score(fast_path, folded_workspace, trained_workspace, tmp_path):
+    """Speed settings change the arithmetic, not the model: OOF MCRMSE within 0.001 of plain fp32."""
+    workspace = copy_of(folded_workspace, tmp_path / "fast")
+    train(workspace, fast_path)
+    plain, fast = (json.loads((w / "oof" / "nt_cv.json").read_text()) for w in (trained_workspace, workspace))
+    assert fast["config"]["train"][fast_path.split("=")[0].split(".")[1]] is True
+    assert abs(fast["mcrmse_scored"] - plain["mcrmse_scored"]) < 0.001, (fast["mcrmse_scored"], plain["mcrmse_scored"])
 
 
 def test_killed_fold_resumes_to_the_same_result(folded_workspace, trained_workspace, tmp_path):

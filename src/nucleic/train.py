@@ -31,7 +31,7 @@ def build_model(model_cfg) -> NucleicTransformer:
     return NucleicTransformer(NTConfig(**{k: v for k, v in dict(model_cfg).items() if k in fields}))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, device: torch.device,
             batch_size: int, bf16: bool = False, channels_last: bool = False, desc: str = "predict",
             slots: list[int] | None = None, moments: bool = False) -> dict[int, np.ndarray]:

@@ -9,11 +9,11 @@ residual paths through the stack. No positional encoding: the distance channels 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
 from torch import nn
 
 from ..features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS
@@ -33,6 +33,60 @@ class NTConfig:
     n_outputs: int = 5
 
 
+def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Boolean mask, True with probability p (rounded to a multiple of 2^-16), from 16 random bits per
+    element: four elements per 64-bit draw of torch's generator.
+
+    Why: on CPU, torch's dropout draws one random number per element (bernoulli_), and that was a
+    quarter of a Nucleic Transformer training step (attention weights are B x heads x L x L); a quarter
+    of the draws makes the mask about 4x cheaper."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
+    return words.view(torch.int16)[:n].view(shape) < round(p * 65536) - 32768
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout; on CPU through drop_mask, elsewhere torch's own (fused on GPUs)."""
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    return torch.where(drop_mask(x.shape, p, x.device), 0.0, x * (1.0 / (1.0 - p)))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through `dropout` (the cheaper CPU mask)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+class FeedForward(nn.Module):
+    """Linear, ReLU, dropout, linear, dropout (the parameter names of timm's Mlp, fc1 and fc2)."""
+
+    def __init__(self, d_model: int, dim_ff: int, dropout: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_model, dim_ff), nn.Linear(dim_ff, d_model)
+        self.drop = Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.relu(self.fc1(x)))))
+
+
+def explicit_attention(q, k, v, bias, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dropout_p(softmax(q k^T / sqrt(d) + bias)) v, the weights before dropout), q k v: (B, H, L, d).
+    The 1/sqrt(d) scale goes on q and dropout's 1/(1-p) on the output: (B, H, L, d), not (B, H, L, L)."""
+    batch, heads, length, dim = q.shape
+    q = (q * dim ** -0.5).reshape(-1, length, dim)
+    k_t = k.reshape(-1, length, dim).transpose(1, 2)
+    scores = torch.bmm(q, k_t) if bias is None else torch.baddbmm(bias.reshape(-1, length, length), q, k_t)
+    weights = scores.softmax(dim=-1)
+    kept = torch.where(drop_mask(weights.shape, p, weights.device), 0.0, weights) if p else weights
+    context = torch.bmm(kept, v.reshape(-1, length, dim))
+    context = context * (1.0 / (1.0 - p)) if p else context
+    return context.view(batch, heads, length, dim), weights.view(batch, heads, length, length)
+
+
 class KmerAttention(nn.Module):
     """Multi-head self-attention over k-mers with a per-head additive bias on the logits."""
 
@@ -49,17 +103,15 @@ class KmerAttention(nn.Module):
         batch, length, d_model = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
         bias = None if bias is None else bias.to(q.dtype)
-        if need_weights:  # explicit path, only for plots
-            scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
-            scores = scores if bias is None else scores + bias
-            weights = scores.softmax(dim=-1)
-            context = weights @ v
+        p = self.dropout if self.training else 0.0
+        # The explicit path gives the plots their weights, and drops attention weights on CPU, where torch's
+        # fused kernel does not drop and its fallback draws one random number per weight.
+        if need_weights or (p and q.device.type == "cpu"):
+            context, weights = explicit_attention(q, k, v, bias, p)
         else:
-            weights = None
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                                     dropout_p=self.dropout if self.training else 0.0)
+            context, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p), None
         context = context.transpose(1, 2).reshape(batch, length, d_model)
-        return self.out(context), weights
+        return self.out(context), weights if need_weights else None
 
 
 class EncoderBlock(nn.Module):
@@ -72,14 +124,24 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.attention = KmerAttention(d_model, nhead, dropout if attn_dropout is None else attn_dropout)
         self.attn_norm = nn.LayerNorm(d_model)
-        self.feed_forward = Mlp(d_model, dim_ff, act_layer=nn.ReLU, drop=dropout)
+        self.feed_forward = FeedForward(d_model, dim_ff, dropout)
         self.ff_norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, need_weights: bool = False):
         attended, weights = self.attention(x, bias, need_weights)
         x = self.attn_norm(x + self.dropout(attended))
         return self.ff_norm(x + self.feed_forward(x)), weights
+
+
+class ScaledPointwiseConv(nn.Conv2d):
+    """gamma * conv1x1(x) with gamma folded into the kernel: no extra pass over the (B, heads, L, L) output."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, gamma * self.weight, gamma * self.bias)
 
 
 class NucleicTransformerLayer(nn.Module):
@@ -91,7 +153,7 @@ class NucleicTransformerLayer(nn.Module):
         self.kmer_conv = nn.Conv1d(d, d, k)
         self.kmer_norm = nn.LayerNorm(d)
         self.pair_conv = nn.Conv2d(c, c, k)  # nucleotide pairs -> k-mer pairs
-        self.pair_to_bias = nn.Conv2d(c, cfg.nhead, 1)
+        self.pair_to_bias = ScaledPointwiseConv(c, cfg.nhead)
         self.gamma = nn.Parameter(torch.ones(1))
         self.encoder = EncoderBlock(d, cfg.nhead, cfg.dim_ff, cfg.dropout)
         self.deconv = nn.ConvTranspose1d(d, d, k)  # k-mers -> nucleotides
@@ -101,7 +163,7 @@ class NucleicTransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, pair: torch.Tensor, need_weights: bool = False):
         kmers = self.kmer_norm(self.kmer_conv(x.transpose(1, 2)).transpose(1, 2))
         kmer_pairs = F.relu(self.pair_conv(pair))
-        bias = self.gamma * self.pair_to_bias(kmer_pairs)
+        bias = self.pair_to_bias(kmer_pairs, self.gamma)
         kmers, weights = self.encoder(kmers, bias, need_weights)
         x = self.out_norm(x + self.deconv(kmers.transpose(1, 2)).transpose(1, 2))
         pair = pair + self.pair_deconv(kmer_pairs)
