@@ -79,11 +79,17 @@ def test_dropout_is_inverted_dropout_with_its_mask():
     assert abs(big.mean().item() - 1.0) < 0.003  # expectation kept
 
 
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_explicit_attention_matches_sdpa_without_dropout(with_bias):
+@pytest.mark.parametrize("bias_kind", ["full", "key padding", None])
+def test_explicit_attention_matches_sdpa_without_dropout(bias_kind):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 4, 33, 8, generator=g, requires_grad=True) for _ in range(3))
-    bias = torch.randn(2, 4, 33, 33, generator=g, requires_grad=True) if with_bias else None
+    with_bias = bias_kind is not None
+    bias = torch.randn(2, 4, 33, 33, generator=g, requires_grad=True) if bias_kind == "full" else None
+    if bias_kind == "key padding":  # the classifiers' (B, 1, 1, L) mask: the last 5 keys of row 1 are padding
+        bias = torch.zeros(2, 1, 1, 33).index_fill_(3, torch.arange(28, 33), float("-inf"))
+        bias[0] = 0.0
+        bias.requires_grad_(False)
+        with_bias = False  # no gradient to compare for a constant mask
     ours, weights = explicit_attention(q, k, v, bias, 0.0)
     theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     assert torch.allclose(ours, theirs, atol=1e-5)

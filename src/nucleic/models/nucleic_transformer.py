@@ -79,7 +79,10 @@ def explicit_attention(q, k, v, bias, p: float) -> tuple[torch.Tensor, torch.Ten
     batch, heads, length, dim = q.shape
     q = (q * dim ** -0.5).reshape(-1, length, dim)
     k_t = k.reshape(-1, length, dim).transpose(1, 2)
-    scores = torch.bmm(q, k_t) if bias is None else torch.baddbmm(bias.reshape(-1, length, length), q, k_t)
+    if bias is None:
+        scores = torch.bmm(q, k_t)
+    else:  # a broadcast bias (a classifier's key-padding mask) is expanded to (B * H, L, L)
+        scores = torch.baddbmm(bias.expand(batch, heads, length, length).reshape(-1, length, length), q, k_t)
     weights = scores.softmax(dim=-1)
     kept = torch.where(drop_mask(weights.shape, p, weights.device), 0.0, weights) if p else weights
     context = torch.bmm(kept, v.reshape(-1, length, dim))
@@ -105,8 +108,10 @@ class KmerAttention(nn.Module):
         bias = None if bias is None else bias.to(q.dtype)
         p = self.dropout if self.training else 0.0
         # The explicit path gives the plots their weights, and drops attention weights on CPU, where torch's
-        # fused kernel does not drop and its fallback draws one random number per weight.
-        if need_weights or (p and q.device.type == "cpu"):
+        # fused kernel does not drop and its fallback draws one random number per weight. Key-padding masks
+        # (-inf, broadcast) stay with torch, whose softmax gives fully masked rows zeros instead of NaN.
+        full_bias = bias is None or bias.shape == (batch, self.nhead, length, length)
+        if need_weights or (p and q.device.type == "cpu" and full_bias):
             context, weights = explicit_attention(q, k, v, bias, p)
         else:
             context, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p), None
