@@ -193,8 +193,10 @@ def main() -> None:
         batch = cfg.train.batch_size
         params = sum(p.numel() for p in build_model(cfg.model).parameters()) / 1e6
         print(f"\n[{preset}] nlayer={cfg.model.nlayer} d_model={cfg.model.d_model} nhead={cfg.model.nhead} "
-              f"ff={cfg.model.dim_ff} pair_channels={cfg.model.pair_channels} ({params:.2f} M parameters), batch {batch}")
+              f"ff={cfg.model.dim_ff} pair_channels={cfg.model.pair_channels} ({params:.2f} M parameters), "
+              f"batch {batch}, eval batch {cfg.train.eval_batch_size}")
         preset_bf16 = use_bf16(cpu, cfg.train.bf16)
+        per_batch = max(1, cfg.train.eval_batch_size // N_STRUCTURES)  # sequences per inference batch
         variants = [("plain fp32", max_threads, False, False, False),
                     (f"PRESET'S: bf16 {preset_bf16}, CL {cfg.train.channels_last}", max_threads, preset_bf16,
                      cfg.train.channels_last, False)]
@@ -214,7 +216,7 @@ def main() -> None:
                 model = torch.compile(model)
             try:
                 train = train_rate(model, cfg, batch, 107, bf16, channels_last, args.steps)
-                infer = {n: inference_rate(model, n, bf16, channels_last, max(1, args.steps // 2)) for n in (107, 130)}
+                infer = {n: inference_rate(model, n, bf16, channels_last, args.steps, per_batch) for n in (107, 130)}
             except Exception as err:  # a variant that does not run here is a finding too
                 print(f"  {name:26s} failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
                 continue
@@ -223,8 +225,8 @@ def main() -> None:
         torch.set_num_threads(max_threads)
         print_split("one training step of the preset's variant, forward + backward per part",
                     profile_split(cfg, batch, 107, preset_bf16, cfg.train.channels_last))
-        print_split(f"one inference batch of the preset's variant, 8 sequences x {N_STRUCTURES} structures",
-                    inference_split(cfg, 107, preset_bf16, cfg.train.channels_last))
+        print_split(f"one inference batch of the preset's variant, {per_batch} sequences x {N_STRUCTURES} structures",
+                    inference_split(cfg, 107, preset_bf16, cfg.train.channels_last, sequences=per_batch))
 
 
 if __name__ == "__main__":
