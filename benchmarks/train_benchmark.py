@@ -182,7 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--emulated-bf16", action="store_true", help="also time bf16 where the CPU only emulates it")
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps per variant (inference: half)")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps (and inference batches) per variant")
     args = parser.parse_args()
     max_threads = torch.get_num_threads()
     cpu = torch.device("cpu")
