@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nucleic_transformer import EncoderBlock
+from .nucleic_transformer import EncoderBlock, ScaledPointwiseConv
 
 N_TOKENS = 5  # N/padding + ACGT
 
@@ -40,7 +40,7 @@ class NTClassifier(nn.Module):
         self.structure = structure
         if structure:
             self.pair_conv = nn.Conv2d(1, pair_channels, k)  # nucleotide pairs -> k-mer pairs
-            self.pair_to_bias = nn.Conv2d(pair_channels, nhead, 1)
+            self.pair_to_bias = ScaledPointwiseConv(pair_channels, nhead)
             self.gamma = nn.Parameter(torch.ones(1))
         self.embedding = nn.Embedding(N_TOKENS, d_model, padding_idx=0)
         self.input_dropout = nn.Dropout(dropout)
@@ -61,7 +61,7 @@ class NTClassifier(nn.Module):
         if self.structure:
             if pairs is None:
                 raise ValueError("this NT classifier was built with structure=True: pass the pairing matrices")
-            pair_bias = self.gamma * self.pair_to_bias(F.relu(self.pair_conv(pairs[:, None].float())))
+            pair_bias = self.pair_to_bias(F.relu(self.pair_conv(pairs[:, None].float())), self.gamma)
             bias = pair_bias if bias is None else pair_bias + bias
         maps = []
         for block in self.blocks:
