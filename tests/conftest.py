@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -88,6 +89,21 @@ def isolated(workspace: Path) -> list[str]:
     for key in ("input", "work", "structures", "oof", "submissions", "figures"):
         sets += ["--set", f"paths.{key}={workspace / key}"]
     return sets
+
+
+@pytest.fixture(scope="session")
+def folded_workspace(data_dir, tmp_path_factory):
+    """Stages 00 and 01 (smoke) done once per test session; tests copy it (copy_of)."""
+    workspace = tmp_path_factory.mktemp("folded")
+    args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace)]
+    assert load_kernel("00_prepare_input").main(args) == 0
+    assert load_kernel("01_fold_structures").main(args) == 0
+    return workspace
+
+
+def copy_of(workspace: Path, target: Path) -> Path:
+    shutil.copytree(workspace, target)
+    return target
 
 
 def load_kernel(name: str):

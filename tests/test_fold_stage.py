@@ -139,3 +139,27 @@ def test_a_stage_run_alone_on_a_fresh_workspace_runs_its_upstream_first(tiny_dat
     assert (workspace / "work" / "smoke" / "manifests" / "00_prepare_input.json").exists()
     assert store_for(workspace).pending(list(read_pickle(workspace / "work" / "smoke" / "prepared"
                                                              / "test.pkl").sequence)) == []
+
+
+def test_a_local_dask_cluster_writes_byte_identical_shards(tiny_data_dir, tmp_path):
+    """cluster.address=local: stage 01 folds through joblib's Dask backend on 2 single-threaded workers and
+    writes the same bytes as the default single-process path."""
+    two_sources = ["--set", "fold.native_sources=[vienna_turner2004,vienna_langdon2018]"]
+    plain, on_cluster = tmp_path / "plain", tmp_path / "cluster"
+    for workspace in (plain, on_cluster):
+        prepared_workspace(tiny_data_dir, workspace)
+    subprocess.run(fold_command(plain) + two_sources, cwd=REPO, check=True, capture_output=True)
+    result = subprocess.run(fold_command(on_cluster) + two_sources + [
+        "--set", "cluster.address=local", "--set", "cluster.local_workers=2"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = [p.relative_to(plain) for p in shard_files(plain)]
+    assert len(files) > 10 and files == [p.relative_to(on_cluster) for p in shard_files(on_cluster)]
+    assert all((plain / f).read_bytes() == (on_cluster / f).read_bytes() for f in files)
+
+
+def test_no_cluster_address_starts_nothing_and_imports_no_dask():
+    code = ("import sys; from nucleic import cluster; from nucleic.config import load_config\n"
+            "with cluster.session(load_config('smoke').cluster) as client: assert client is None\n"
+            "assert cluster.map_units(pow, [(2, 3), (3, 2)]) == [8, 9]\n"
+            "assert not {'dask', 'distributed'} & set(sys.modules), 'imported dask'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

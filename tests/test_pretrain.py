@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, isolated, load_kernel
+from conftest import REPO, copy_of, isolated, load_kernel
 
 from nucleic.config import load_config
 from nucleic.features import NULL_TOKEN
@@ -92,3 +92,34 @@ def test_smoke_pretraining_then_training_starts_from_it(data_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "upstream stage 02_pretrain is missing or stale: running it first" in again.stdout
     assert (workspace / "work" / "smoke" / "pretrain" / "nt.pt").exists()
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_pretrain_like_one_with_the_whole_batch(folded_workspace, tmp_path):
+    """Stage 02 under torchrun (gloo, 2 CPU processes, each taking half of every batch of 8) follows the
+    loss trajectory and reaches the weights of one process taking whole batches (dropout 0); rank 0
+    alone writes the checkpoint and the manifest."""
+    sets = [arg for s in ("pretrain.enabled=true", "pretrain.epochs=2", "pretrain.batch_size=8", "model.dropout=0",
+                          "train.threads=1") for arg in ("--set", s)]
+    kernel = [str(REPO / "kernels" / "02_pretrain.py"), "--preset", "smoke"]
+    one, two = copy_of(folded_workspace, tmp_path / "one"), copy_of(folded_workspace, tmp_path / "two")
+    launches = {one: [sys.executable, *kernel],
+                two: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *kernel]}
+    for workspace, command in launches.items():
+        result = subprocess.run(command + isolated(workspace) + sets, cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    run = ("work", "smoke", "pretrain")
+    losses = [[h["train_loss"] for h in json.loads(w.joinpath(*run, "nt", "history.json").read_text())["history"]]
+              for w in (one, two)]
+    assert len(losses[0]) == 2 and torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4)
+    weights = [torch.load(w.joinpath(*run, "nt.pt"), weights_only=True)["model"] for w in (one, two)]
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-4) for k in weights[0])
+    manifest = json.loads((two / "work" / "smoke" / "manifests" / "02_pretrain.json").read_text())
+    assert manifest["summary"]["processes"] == 2
+
+
+def test_a_stage_other_than_pretraining_refuses_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert load_kernel("03_train_folds").main(["--preset", "smoke", *isolated(tmp_path)]) == 2
+    assert "03_train_folds does not run under torchrun (only 02_pretrain)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

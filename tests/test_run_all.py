@@ -3,11 +3,12 @@ failing stage; the semi-supervised chain's files are complete and honest."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_all, run_script
+from conftest import relocated_copy, run_all, run_script
 
 from nucleic.config import load_config
 from nucleic.io_utils import read_pickle
@@ -95,6 +96,29 @@ def test_final_blend_uses_every_model_and_beats_its_members(smoke_run):
     best = min(m["mcrmse_scored"] for m in report["members"].values())
     assert report["blend"]["mcrmse_scored"] <= best + 1e-9
     assert len(pd.read_csv(workspace / "submissions" / "submission.csv")) == 10 * 107 + 10 * 130
+
+
+def test_depth_models_and_semi_supervised_folds_on_a_local_dask_cluster(smoke_run, data_dir, tmp_path):
+    """cluster.address=local: stage 04 trains its missing depth model's folds and predicts every depth x fold
+    as tasks, stage 05 trains its folds as tasks; both agree with the single-process run (workers run one
+    thread each, so the arithmetic may differ in the last bits)."""
+    workspace = relocated_copy(smoke_run[0], tmp_path / "cluster")
+    run = workspace / "work" / "smoke"
+    shutil.rmtree(run / "models" / "nt_k1")
+    for manifest in run.glob("manifests/0[345]_*nt_k1*.json"):
+        manifest.unlink()
+    on_cluster = ["--data-dir", str(data_dir), "--set", "cluster.address=local", "--set", "cluster.local_workers=2"]
+    for stage in (["--only", "04", "--force"], ["--only", "05", "--force"]):
+        result = run_all(workspace, *on_cluster, *stage)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(list(run.glob("models/nt_k1/fold*/model.pt"))) == 3
+    for fold in range(3):
+        labels, before = (read_pickle(w / "work" / "smoke" / "pseudo_labels" / f"fold{fold}.pkl")
+                          for w in (workspace, smoke_run[0]))
+        assert all(np.allclose(labels[i], before[i], atol=1e-3) for i in before)
+    scores = [json.loads((w / "oof" / "nt_semi_cv.json").read_text())["mcrmse_scored"]
+              for w in (workspace, smoke_run[0])]
+    assert abs(scores[0] - scores[1]) < 1e-3, scores
 
 
 def test_rerun_skips_and_resumes_only_what_is_missing(smoke_run, data_dir):

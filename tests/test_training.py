@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,26 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, isolated, load_kernel
+from conftest import REPO, copy_of, isolated, load_kernel
 
 from nucleic.io_utils import read_pickle
 
 pytestmark = pytest.mark.slow  # minute-long: a smoke pipeline per module
-
-
-@pytest.fixture(scope="module")
-def folded_workspace(data_dir, tmp_path_factory):
-    """Stages 00 and 01 (smoke) done once; tests copy it."""
-    workspace = tmp_path_factory.mktemp("folded")
-    args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace)]
-    assert load_kernel("00_prepare_input").main(args) == 0
-    assert load_kernel("01_fold_structures").main(args) == 0
-    return workspace
-
-
-def copy_of(folded_workspace, target):
-    shutil.copytree(folded_workspace, target)
-    return target
 
 
 def train_command(workspace):
@@ -141,6 +125,45 @@ def test_killed_fold_resumes_to_the_same_result(folded_workspace, trained_worksp
     assert (workspace / "oof" / "nt.csv").read_bytes() == (trained_workspace / "oof" / "nt.csv").read_bytes()
 
 
+def test_folds_on_a_local_dask_cluster_give_the_same_oof(folded_workspace, trained_workspace, tmp_path):
+    """cluster.address=local: each fold is one task on a LocalCluster of 2 single-threaded workers; the OOF
+    file is byte-identical to the single-process run's."""
+    workspace = copy_of(folded_workspace, tmp_path / "cluster")
+    train(workspace, "cluster.address=local", "cluster.local_workers=2")
+    assert (workspace / "oof" / "nt.csv").read_bytes() == (trained_workspace / "oof" / "nt.csv").read_bytes()
+
+
+def test_only_folds_shares_then_a_plain_run_equal_one_full_run(folded_workspace, trained_workspace, tmp_path):
+    """A job array's shares (train.only_folds) train their folds and complete nothing; the plain run after
+    them trains nothing more and writes the full run's OOF."""
+    workspace = copy_of(folded_workspace, tmp_path / "shares")
+    folder, manifest = workspace / "work" / "smoke" / "models" / "nt", workspace / "work" / "smoke" / "manifests"
+    train(workspace, "train.only_folds=[]")  # readies what the shares would write together
+    assert (workspace / "oof" / "folds.csv").exists() and (folder / "settings.json").exists()
+    assert not list(folder.glob("fold*"))
+    train(workspace, "train.only_folds=[2, 0]")
+    assert (folder / "fold0" / "model.pt").exists() and (folder / "fold2" / "model.pt").exists()
+    assert not (folder / "fold1").exists()
+    assert not (workspace / "oof" / "nt.csv").exists() and not (manifest / "03_train_folds.json").exists()
+    train(workspace, "train.only_folds=[1]")
+    assert not (workspace / "oof" / "nt.csv").exists()
+    trained = {p: p.stat().st_mtime_ns for p in folder.glob("fold*/model.pt")}
+    train(workspace)
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("fold*/model.pt")} == trained  # nothing retrained
+    assert (workspace / "oof" / "nt.csv").read_bytes() == (trained_workspace / "oof" / "nt.csv").read_bytes()
+    assert (manifest / "03_train_folds.json").exists()
+
+
+def test_only_folds_outside_the_folds_is_one_clear_error(folded_workspace, tmp_path):
+    workspace = copy_of(folded_workspace, tmp_path / "wrong")
+    result = subprocess.run(train_command(workspace) + ["--set", "train.only_folds=[3]"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "ERROR [03_train_folds] train.only_folds: must list fold numbers from 0 to 2, got [3]"]
+    assert not (workspace / "work" / "smoke" / "models").exists()
+
+
 def test_changed_settings_retrain_from_scratch(trained_workspace, tmp_path):
     workspace = copy_of(trained_workspace, tmp_path / "changed")
     folder = workspace / "work" / "smoke" / "models" / "nt"
@@ -166,6 +189,19 @@ def test_predict_writes_a_checked_submission(predicted_workspace):
     test = read_pickle(predicted_workspace / "work" / "smoke" / "prepared" / "test.pkl")
     assert len(submission) == test.seq_length.sum() == 10 * 107 + 10 * 130
     assert submission.iloc[:, 1:].notna().all().all()
+
+
+def test_test_predictions_on_a_local_dask_cluster_give_the_same_submission(predicted_workspace, tmp_path):
+    """Stage 06 with cluster.address=local: each fold's test predictions are one task; same CSV bytes."""
+    workspace = copy_of(predicted_workspace, tmp_path / "cluster")
+    for cache in (workspace / "work" / "smoke" / "models" / "nt").glob("fold*/test_moments.pkl"):
+        cache.unlink()
+    kernel = load_kernel("06_predict")
+    assert kernel.main(["--preset", "smoke", *isolated(workspace), "--set", "train.threads=1", "--force",
+                        "--set", "cluster.address=local", "--set", "cluster.local_workers=2"]) == 0
+    assert len(list(workspace.glob("work/smoke/models/nt/fold*/test_moments.pkl"))) == 3
+    submission = ("submissions", "nt.csv")
+    assert workspace.joinpath(*submission).read_bytes() == predicted_workspace.joinpath(*submission).read_bytes()
 
 
 def test_ensemble_blends_models_and_never_loses_to_the_best(predicted_workspace, tmp_path):

@@ -74,6 +74,15 @@ def length_batches(lengths: np.ndarray, indices: np.ndarray, batch_size: int,
     return batches
 
 
+def token_inputs(data: RNATensors, indices: np.ndarray, slots: np.ndarray) -> dict[str, torch.Tensor]:
+    """The token streams of samples `indices` (B, L) on the CPU, each with structure prediction `slots[i]`."""
+    return {
+        "sequence": torch.from_numpy(np.stack([data.sequence[i] for i in indices])),
+        "structure": torch.from_numpy(np.stack([data.structure[i][s] for i, s in zip(indices, slots)])),
+        "loop": torch.from_numpy(np.stack([data.loop[i][s] for i, s in zip(indices, slots)])),
+    }
+
+
 def collate(data: RNATensors, indices: np.ndarray, slots: np.ndarray, device: torch.device,
             with_labels: bool = False, channels_last: bool = False) -> dict[str, torch.Tensor]:
     """Model inputs for samples `indices`, each with structure prediction `slots[i]`.
@@ -81,12 +90,7 @@ def collate(data: RNATensors, indices: np.ndarray, slots: np.ndarray, device: to
     channels_last lays the (B, 4, L, L) pair features out for faster 2-D convolutions on CPU.
     """
     bpp = np.stack([data.bpp[i][s] for i, s in zip(indices, slots)])
-    batch = {
-        "sequence": torch.from_numpy(np.stack([data.sequence[i] for i in indices])),
-        "structure": torch.from_numpy(np.stack([data.structure[i][s] for i, s in zip(indices, slots)])),
-        "loop": torch.from_numpy(np.stack([data.loop[i][s] for i, s in zip(indices, slots)])),
-        "pair_features": torch.from_numpy(pair_features(bpp)),
-    }
+    batch = {**token_inputs(data, indices, slots), "pair_features": torch.from_numpy(pair_features(bpp))}
     if with_labels:
         batch["targets"] = torch.from_numpy(np.stack([data.targets[i] for i in indices]))
         batch["errors"] = torch.from_numpy(np.stack([data.errors[i] for i in indices]))

@@ -11,8 +11,10 @@ selection; a caller brings its model, its batches and its batch -> loss function
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from ranger_adabelief import RangerAdaBelief
 from tqdm.auto import tqdm
 
@@ -29,9 +32,12 @@ from .io_utils import DamagedFile, atomic_path, check_zip
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """train.device: auto = CUDA when available, else CPU. Under torchrun each process takes the GPU of
+    its LOCAL_RANK."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 def configure_threads(threads: int) -> None:
@@ -60,6 +66,69 @@ def use_bf16(device: torch.device, bf16: bool | str) -> bool:
 
 def autocast(device: torch.device, bf16: bool | str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, bf16) else nullcontext()
+
+
+# ------------------------------------------------------------------------- data parallel (torchrun)
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """The process that writes files: rank 0, or the only one."""
+    return world()[0] == 0
+
+
+@contextlib.contextmanager
+def process_group(device_name: str):
+    """Under torchrun: join the processes' group for the duration (NCCL on GPUs, gloo on CPUs);
+    elsewhere nothing."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        yield
+        return
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # rank 0 may fold for hours (stage 02's random sequences) while the others wait at a barrier
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=24))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def broadcast(value):
+    """Rank 0's `value` on every process."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def batch_share(size: int) -> tuple[slice, float]:
+    """This process's rows of a global batch of `size` rows, and the weight of their mean loss: n_r * W / N,
+    so that the gradient DDP averages over W processes is the gradient of the global batch's mean loss.
+    A process left without rows computes one row's loss at weight 0 (DDP needs every process's backward)."""
+    rank, size_of_world = world()
+    bounds = np.linspace(0, size, size_of_world + 1).round().astype(int)
+    start, stop = int(bounds[rank]), int(bounds[rank + 1])
+    if start == stop:
+        return slice(0, 1), 0.0
+    return slice(start, stop), (stop - start) * size_of_world / size
 
 
 # ------------------------------------------------------------------------------- optimizers, schedules
@@ -213,6 +282,14 @@ class Trainer:
         self.select, self.sign, self.top_k, self.name = select, (-1.0 if higher_is_better else 1.0), top_k or 0, name
         # best_score and the top list hold sign * score, so lower is better either way
         self.state = {"epoch": 0, "history": [], "best_score": float("inf"), "best_epoch": -1, "top": []}
+        # what batch_loss calls: the model itself, or under torchrun its DistributedDataParallel wrapper
+        # (gradients averaged over the processes during backward); checkpoints hold the model's own keys
+        self.net = model
+        if world()[1] > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            # static graph: the same parameters take part every step (some never, e.g. the regression head
+            # while pretraining), which DDP learns from the first step
+            self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, static_graph=True)
 
     @property
     def last_path(self) -> Path:
@@ -273,12 +350,16 @@ class Trainer:
             if scores and self.select:
                 self._keep(epoch + 1, scores[self.select])
             self.state["epoch"] = epoch + 1
-            save_checkpoint(self.last_path, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                                             "scheduler": self.scheduler.state_dict(), "state": self.state})
-            self._drop_stale_top()
+            if is_main():
+                save_checkpoint(self.last_path, {"model": self.model.state_dict(),
+                                                 "optimizer": self.optimizer.state_dict(),
+                                                 "scheduler": self.scheduler.state_dict(), "state": self.state})
+                self._drop_stale_top()
+            barrier()
             text = describe(scores) if scores else ("not validated" if evaluate is not None else None)
             parts = [f"{self.name} epoch {epoch + 1}: loss {loss:.4f}", text, f"{time.time() - start:.1f}s"]
-            print(" ".join(p for p in parts if p), flush=True)
+            if is_main():
+                print(" ".join(p for p in parts if p), flush=True)
         return self.state
 
     def final_weights(self, evaluate: Callable[[], dict] | None = None) -> tuple[dict, dict]:
@@ -307,7 +388,8 @@ class Trainer:
 
     def _train_epoch(self, batches, batch_loss, rng, desc: str) -> float:
         losses = []
-        for batch in tqdm(batches, desc=desc, leave=False):
+        size_of_world = world()[1]
+        for batch in tqdm(batches, desc=desc, leave=False, disable=not is_main()):
             with autocast(self.device, self.bf16):
                 loss = batch_loss(batch, rng)
             self.optimizer.zero_grad(set_to_none=True)
@@ -316,6 +398,9 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
+            if size_of_world > 1:  # the global batch's loss: the processes' weighted shares, summed
+                loss = loss.detach() / size_of_world
+                dist.all_reduce(loss)
             losses.append(loss.item())
         return float(np.mean(losses))
 
@@ -338,10 +423,11 @@ class Trainer:
         weights = {"model": self.model.state_dict(), "epoch": epoch, "score": score}
         if ranked < state["best_score"]:
             state["best_score"], state["best_epoch"] = ranked, epoch
-            save_checkpoint(self.best_path, weights)
+            if is_main():
+                save_checkpoint(self.best_path, weights)
         if self.top_k >= 2:
             top = sorted(state.get("top", []) + [[ranked, epoch]])[:self.top_k]
-            if [ranked, epoch] in top:
+            if [ranked, epoch] in top and is_main():
                 save_checkpoint(self._top_path(epoch), weights)
             state["top"] = top
 

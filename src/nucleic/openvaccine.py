@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cluster import map_units, unit_device
 from .config import Config, Paths
 from .data import SCORED_COLUMNS, TARGETS
 from .dataset import load_rna_tensors
@@ -18,7 +19,7 @@ from .metrics import columnwise_rmse
 from .stage import InputError, artifact_meta, claim_work_dir
 from .structures import StructureStore
 from .submission import check_submission, predictions_frame
-from .train import build_model, final_model_path, predict, score_rows, train_fold
+from .train import build_model, final_model_path, finished_fold, predict, score_rows, train_fold
 
 
 def read_prepared(cfg: Config, split: str) -> pd.DataFrame:
@@ -52,7 +53,7 @@ def model_dir(cfg: Config) -> Path:
 def training_settings(cfg: Config) -> dict:
     settings = {"model": dict(cfg.model), "seed": cfg.seed,
                 "train": {k: v for k, v in dict(cfg.train).items()
-                          if k not in ("device", "threads", "eval_batch_size", "channels_last")},
+                          if k not in ("device", "threads", "eval_batch_size", "channels_last", "only_folds")},
                 "fold": {k: v for k, v in dict(cfg.fold).items() if k != "n_jobs"}}
     if cfg.pretrain.enabled:
         settings["pretrain"] = dict(cfg.pretrain)
@@ -96,15 +97,56 @@ def fold_indices(cfg: Config, data, folds: np.ndarray, fold: int) -> tuple[np.nd
     return np.flatnonzero((folds != fold) & trainable), np.flatnonzero(folds == fold)
 
 
+def selected_folds(cfg: Config) -> list[int]:
+    """The folds this run trains: train.only_folds (a job array's share; [] trains none, only readies the
+    files the shares write together: folds.csv, the model folder's stamp), else all of them."""
+    chosen = cfg.train.only_folds
+    if chosen is None:
+        return list(range(cfg.train.folds))
+    wrong = [f for f in chosen if not isinstance(f, int) or isinstance(f, bool) or not 0 <= f < cfg.train.folds]
+    if wrong:
+        raise InputError("train.only_folds", f"must list fold numbers from 0 to {cfg.train.folds - 1}, got {chosen!r}")
+    return sorted(set(chosen))
+
+
+def partial_run(cfg: Config, done: list[int]) -> tuple[list[Path], dict]:
+    """What a train.only_folds run reports: no OOF files and no manifest (a plain run aggregates)."""
+    return [], {"partial": True, "folds_trained": done,
+                "next": "run the stage without train.only_folds to aggregate once every fold is trained"}
+
+
+def train_fold_unit(cfg: Config, fold: int, init: Path | None, loaded: tuple | None = None) -> dict:
+    """One (model, fold) of training: a unit of work, which on a cluster worker loads its own data."""
+    fold_dir = model_dir(cfg) / f"fold{fold}"
+    if loaded is None:
+        finished = finished_fold(fold_dir)
+        if finished is not None:
+            return finished
+        configure_threads(cfg.train.threads)
+        _, data, folds = load_training_data(cfg)
+        device = unit_device(cfg.train.device)
+    else:
+        data, folds, device = loaded
+    return train_fold(cfg, data, fold, *fold_indices(cfg, data, folds, fold), fold_dir, device, init)
+
+
+def fold_units(cfg: Config, force: bool = False) -> list[tuple]:
+    """The training units of one K-fold model, its folder claimed first (stale checkpoints removed)."""
+    chosen = selected_folds(cfg)
+    _claim_model_dir(cfg, force)
+    init = initial_weights(cfg)
+    return [(cfg, fold, init) for fold in chosen]
+
+
 def train_folds(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     start = time.time()
     configure_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     frame, data, folds = load_training_data(cfg)
-    folder = _claim_model_dir(cfg, force)
-    init = initial_weights(cfg)
-    results = [train_fold(cfg, data, fold, *fold_indices(cfg, data, folds, fold), folder / f"fold{fold}", device, init)
-               for fold in range(cfg.train.folds)]
+    units = fold_units(cfg, force)
+    results = map_units(train_fold_unit, units, {"loaded": (data, folds, device)})
+    if cfg.train.only_folds is not None:
+        return partial_run(cfg, [fold for _, fold, _ in units])
     return write_training_outputs(cfg, data, frame, results, device, start)
 
 
@@ -176,6 +218,21 @@ def fold_test_moments(cfg: Config, fold: int, data, device, force: bool = False)
     return moments
 
 
+def load_test_data(cfg: Config):
+    return load_rna_tensors(read_prepared(cfg, "test"), StructureStore(Paths(cfg).structures, cfg.fold))
+
+
+def test_moments_unit(cfg: Config, fold: int, force: bool, loaded: tuple | None = None) -> dict[int, np.ndarray]:
+    """fold_test_moments as a unit of work, which on a cluster worker loads the test set itself."""
+    if loaded is None:
+        cached = None if force else read_cache(model_dir(cfg) / f"fold{fold}" / "test_moments.pkl")
+        if cached is not None:
+            return cached
+        configure_threads(cfg.train.threads)
+        loaded = (load_test_data(cfg), unit_device(cfg.train.device))
+    return fold_test_moments(cfg, fold, *loaded, force)
+
+
 def predict_test(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     """Average every fold's model.pt (its best checkpoint, or the average of its best ones) over the
     test set; write and check the submission."""
@@ -190,8 +247,8 @@ def predict_test(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     test = read_prepared(cfg, "test")
     data = load_rna_tensors(test, StructureStore(paths.structures, cfg.fold))
     everything = np.arange(len(data))
-    fold_predictions = [{i: m[0] for i, m in fold_test_moments(cfg, fold, data, device, force).items()}
-                        for fold in range(tc.folds)]
+    moments = map_units(test_moments_unit, [(cfg, fold, force) for fold in range(tc.folds)], {"loaded": (data, device)})
+    fold_predictions = [{i: m[0] for i, m in fold.items()} for fold in moments]
     mean = [np.mean([p[i] for p in fold_predictions], axis=0) for i in everything]
     submission = paths.submissions / f"{cfg.model.name}.csv"
     write_csv(submission, predictions_frame(list(data.ids), mean, [len(s) for s in data.sequence]))

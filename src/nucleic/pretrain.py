@@ -16,16 +16,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, Paths
-from .dataset import RNATensors, collate, length_batches, load_rna_tensors
+from .dataset import RNATensors, collate, length_batches, load_rna_tensors, token_inputs
 from .engine import (
     Trainer,
+    barrier,
+    batch_share,
     configure_threads,
     flat_then_cosine,
+    is_main,
     make_optimizer,
     read_checkpoint,
     resolve_device,
     save_checkpoint,
     seed_torch,
+    world,
 )
 from .features import LOOP_TOKENS, NULL_TOKEN, SEQUENCE_TOKENS, STRUCTURE_TOKENS
 from .io_utils import read_pickle, write_json
@@ -111,22 +115,27 @@ def run_pretraining(cfg: Config, force: bool = False) -> tuple[list[Path], dict]
     device = resolve_device(cfg.train.device)
     sequences = pretraining_sequences(cfg)
     store = StructureStore(paths.structures, cfg.fold)
-    store.fold_all(sequences, meta={"stage": "02_pretrain"}, n_jobs=cfg.fold.n_jobs)  # random ones, if any
+    work_dir = pretrain_checkpoint(cfg).parent / cfg.model.name
+    if is_main():  # under torchrun, rank 0 folds and claims; the others wait for it
+        store.fold_all(sequences, meta={"stage": "02_pretrain"}, n_jobs=cfg.fold.n_jobs)  # random ones, if any
+        claim_work_dir(work_dir, pretrain_settings(cfg), force)
+    barrier()
     frame = pd.DataFrame({"id": [f"seq{i}" for i in range(len(sequences))], "sequence": sequences,
                           "seq_scored": [len(s) for s in sequences]})
     data = load_rna_tensors(frame, store)
-    work_dir = claim_work_dir(pretrain_checkpoint(cfg).parent / cfg.model.name, pretrain_settings(cfg), force)
     history = pretrain_loop(cfg, data, work_dir, device)
     output = pretrain_checkpoint(cfg)
+    summary = {"sequences": len(sequences), "final_loss": round(history[-1]["train_loss"], 4),
+               "processes": world()[1]}
+    figure, history_json = paths.figures / f"{cfg.model.name}_pretraining.png", work_dir / "history.json"
+    if not is_main():
+        return [output, figure, history_json], summary
     encoder = read_checkpoint(work_dir / "last.pt", torch.device("cpu"), weights_only=False)["model"]
     save_checkpoint(output, {"model": {k.removeprefix("model."): v for k, v in encoder.items() if k.startswith("model.")},
                    "settings": pretrain_settings(cfg)})
-    figure = paths.figures / f"{cfg.model.name}_pretraining.png"
     plot_pretraining(figure, cfg.model.name, history)
-    history_json = work_dir / "history.json"
     write_json(history_json, {"history": history, **artifact_meta(cfg)})
-    return [output, figure, history_json], {"sequences": len(sequences),
-                                            "final_loss": round(history[-1]["train_loss"], 4)}
+    return [output, figure, history_json], summary
 
 
 def pretrain_loop(cfg: Config, data: RNATensors, work_dir: Path, device: torch.device) -> list[dict]:
@@ -149,12 +158,18 @@ def pretrain_loop(cfg: Config, data: RNATensors, work_dir: Path, device: torch.d
 
     def batch_loss(step_batch, rng):
         step, batch = step_batch
+        # The randomness of the whole global batch is drawn in every process, so any number of processes
+        # trains on the same corrupted batch; each then computes its share (torchrun; else all of it).
         slots = rng.integers(0, data.n_slots, size=len(batch))
-        inputs = collate(data, batch, slots, device, channels_last=tc.channels_last)
-        truth = {name: inputs[name] for name, _ in STREAMS}
+        tokens = token_inputs(data, batch, slots)
         mode = "mask" if step % 2 == 0 else "mutate"  # half the batches masked, half mutated
-        for name, vocab in STREAMS:
-            inputs[name] = corrupt(truth[name].cpu(), len(vocab), pc.corrupt_rate, mode, generator).to(device)
-        return reconstruction_loss(model(**inputs), truth)
+        corrupted = {name: corrupt(tokens[name], len(vocab), pc.corrupt_rate, mode, generator)
+                     for name, vocab in STREAMS}
+        mine, weight = batch_share(len(batch))
+        inputs = collate(data, batch[mine], slots[mine], device, channels_last=tc.channels_last)
+        truth = {name: inputs[name] for name, _ in STREAMS}
+        inputs.update({name: corrupted[name][mine].to(device) for name, _ in STREAMS})
+        loss = reconstruction_loss(trainer.net(**inputs), truth)
+        return loss if weight == 1.0 else loss * weight
 
     return trainer.fit(epoch_batches, batch_loss)["history"]

@@ -17,29 +17,33 @@ from pathlib import Path
 
 import numpy as np
 
+from .cluster import current_client, map_units, unit_device
 from .config import Config, Paths, with_settings
-from .dataset import RNATensors, load_rna_tensors
+from .dataset import RNATensors
 from .engine import configure_threads, resolve_device
 from .io_utils import read_pickle, write_csv, write_json, write_pickle
 from .openvaccine import (
     _claim_model_dir,
     fold_indices,
-    fold_test_moments,
+    fold_units,
     initial_weights,
+    load_test_data,
     load_training_data,
     model_dir,
+    partial_run,
     predict_key,
     predict_test,
-    read_prepared,
+    selected_folds,
+    test_moments_unit,
+    train_fold_unit,
     train_folds,
     train_key,
     training_settings,
     write_training_outputs,
 )
-from .stage import InputError, artifact_meta, ensure_stage
-from .structures import StructureStore
+from .stage import InputError, artifact_meta, ensure_stage, stage_needed
 from .submission import predictions_frame
-from .train import final_model_path, train_fold
+from .train import final_model_path, finished_fold, train_fold
 
 
 def depth_models(cfg: Config) -> list[Config]:
@@ -83,8 +87,16 @@ def combine_teachers(moments: list[dict[int, np.ndarray]], positions: int) -> di
 
 def fold_pseudo_labels(cfg: Config, fold: int, test: RNATensors, device, force: bool = False) -> dict:
     """Fold f's pseudo-labels from the fold-f model of every depth (trained by stage 04 if missing)."""
-    moments = [fold_test_moments(m, fold, test, device, force) for m in depth_models(cfg)]
-    return combine_teachers(moments, cfg.pseudo.positions)
+    return pseudo_labels_of_folds(cfg, [fold], test, device, force)[0]
+
+
+def pseudo_labels_of_folds(cfg: Config, folds: list[int], test: RNATensors, device, force: bool = False) -> list[dict]:
+    """fold_pseudo_labels of each fold; every (depth model, fold) test prediction is one unit of work."""
+    models = depth_models(cfg)
+    units = [(model_cfg, fold, force) for fold in folds for model_cfg in models]
+    moments = map_units(test_moments_unit, units, {"loaded": (test, device)})
+    n = len(models)
+    return [combine_teachers(moments[i * n:(i + 1) * n], cfg.pseudo.positions) for i in range(len(folds))]
 
 
 def pseudo_label(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
@@ -92,17 +104,19 @@ def pseudo_label(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     models = depth_models(cfg)
     if not models:
         return [], {"skipped": "pseudo.depths is empty"}
+    if current_client() is not None:  # every depth x fold at once, rather than one depth model after another
+        stale = [m for m in models if stage_needed(m, model_stage(cfg, m, "03_train_folds"), train_key)]
+        map_units(train_fold_unit, [unit for m in stale for unit in fold_units(m)])
     for model_cfg in models:
         ensure_stage(model_cfg, model_stage(cfg, model_cfg, "03_train_folds"), train_key, train_folds)
+    if cfg.train.only_folds is not None:
+        return partial_run(cfg, selected_folds(cfg))
     configure_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    frame = read_prepared(cfg, "test")
-    test = load_rna_tensors(frame, StructureStore(Paths(cfg).structures, cfg.fold))
-    per_fold = []
-    for fold in range(cfg.train.folds):
-        labels = fold_pseudo_labels(cfg, fold, test, device, force)
+    test = load_test_data(cfg)
+    per_fold = pseudo_labels_of_folds(cfg, list(range(cfg.train.folds)), test, device, force)
+    for fold, labels in enumerate(per_fold):
         write_pickle(pseudo_label_path(cfg, fold), labels)
-        per_fold.append(labels)
     for model_cfg in models:  # every other depth also joins the blend (stage 07) with its own submission
         if model_cfg.model.name != cfg.model.name:  # (the preset's own model: stage 06)
             ensure_stage(model_cfg, model_stage(cfg, model_cfg, "06_predict"), predict_key, predict_test)
@@ -201,6 +215,19 @@ def semi_supervised_fold(cfg: Config, semi: Config, fold: int, data: RNATensors,
     return train_fold(phase2, combined, fold, train_idx, val_idx, folder, device, start, sampled=sampled)
 
 
+def semi_fold_unit(cfg: Config, semi: Config, fold: int, loaded: tuple | None = None) -> dict:
+    """One fold of stage 05 as a unit of work, which on a cluster worker loads its own data."""
+    if loaded is None:
+        finished = finished_fold(model_dir(semi) / f"fold{fold}")
+        if finished is not None:
+            return finished
+        configure_threads(cfg.train.threads)
+        _, data, folds = load_training_data(cfg)
+        loaded = (data, load_test_data(cfg), folds, unit_device(cfg.train.device))
+    data, test, folds, device = loaded
+    return semi_supervised_fold(cfg, semi, fold, data, test, folds, device)
+
+
 def semi_supervised(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     """Stage 05: every fold through both phases, then OOF, figures and the submission."""
     if not cfg.pseudo.depths:
@@ -212,10 +239,13 @@ def semi_supervised(cfg: Config, force: bool = False) -> tuple[list[Path], dict]
     configure_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     frame, data, folds = load_training_data(cfg)
-    test = load_rna_tensors(read_prepared(cfg, "test"), StructureStore(Paths(cfg).structures, cfg.fold))
+    test = load_test_data(cfg)
     semi = semi_model(cfg)
     _claim_model_dir(semi, force, semi_stamp(cfg))
-    results = [semi_supervised_fold(cfg, semi, fold, data, test, folds, device) for fold in range(cfg.train.folds)]
+    units = [(cfg, semi, fold) for fold in selected_folds(cfg)]
+    results = map_units(semi_fold_unit, units, {"loaded": (data, test, folds, device)})
+    if cfg.train.only_folds is not None:
+        return partial_run(cfg, [fold for _, _, fold in units])
     outputs, summary = write_training_outputs(semi, data, frame, results, device, start)
     submission, predicted = predict_test(semi, force)
     return outputs + submission, {**summary, **predicted, "model": semi.model.name}

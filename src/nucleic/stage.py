@@ -31,6 +31,9 @@ class InputError(Exception):
             where.append(f"field '{field}'")
         super().__init__(f"{': '.join(where)}: {problem}")
 
+    def __reduce__(self):  # raised on a cluster worker, re-raised here: the message travels whole
+        return InputError, (self.args[0].split(": ", 1)[0], self.args[0].split(": ", 1)[1])
+
 
 def decode_text(raw: bytes, file) -> str:
     """A file's bytes as UTF-8 text (a BOM is fine), or one line saying what the file seems to be."""
@@ -112,6 +115,14 @@ def ensure_stage(cfg: Config, name: str, key_fn: Callable[[Config], dict],
         execute(cfg, stage, False, key)
 
 
+def stage_needed(cfg: Config, name: str, key_fn: Callable[[Config], dict]) -> bool:
+    """Whether ensure_stage(cfg, name, key_fn, ...) would run the stage (its outputs missing or stale)."""
+    from .pipeline import Stage, stages
+
+    stage = Stage(name, key_fn, None, stages()[name.split(".")[0]].upstream)
+    return not up_to_date(cfg, stage, stage_key(cfg, stage))
+
+
 def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
     """The one stale-result rule for a folder of resumable work (checkpoints, per-fold results): work
     stamped with other settings, or --force, is removed (and said so) and redone from scratch; work
@@ -130,7 +141,8 @@ def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
 def lock_path(cfg: Config) -> Path:
     """The run lock of cfg's work folder. It lives in the system's temporary folder, keyed by the work
     folder's path, so taking it writes nothing into a workspace (a refused or failed stage leaves none)."""
-    digest = hashlib.sha1(str(Paths(cfg).run).encode()).hexdigest()[:16]
+    share = cfg.train.only_folds  # the jobs of an array, each training its own folds, run side by side
+    digest = hashlib.sha1(f"{Paths(cfg).run}{'' if share is None else sorted(share)}".encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"nucleic-run-{digest}.lock"
 
 
@@ -172,6 +184,9 @@ def remove_temporaries(folder: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+# Stages that run under torchrun, each process taking its share of every batch (DistributedDataParallel).
+DATA_PARALLEL_STAGES = ("02_pretrain",)
+
 # The file system refused a write: no space, no permission, read-only. Not a bug: one line, exit 2.
 WRITE_FAILURES = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
 
@@ -196,12 +211,16 @@ def up_to_date(cfg: Config, stage, key: dict) -> bool:
 def execute(cfg: Config, stage, force: bool, key: dict | None = None) -> tuple[float, dict]:
     """Run the stage and record its manifest under `key` (default: stage_key now); (seconds, summary)."""
     key = stage_key(cfg, stage) if key is None else key
-    if force:  # redone from scratch: not complete until it finishes again, even if stopped half-way
+    from .engine import is_main
+
+    if force and is_main():  # redone from scratch: not complete until it finishes again, even if stopped half-way
         manifest_path(cfg, stage.name).unlink(missing_ok=True)
     start = time.time()
     outputs, summary = stage.run(cfg, force)
     elapsed = time.time() - start
-    write_manifest(cfg, stage.name, key, outputs, elapsed, summary)
+    # a job array's share (train.only_folds) completes nothing on its own; under torchrun rank 0 records
+    if not summary.get("partial") and is_main():
+        write_manifest(cfg, stage.name, key, outputs, elapsed, summary)
     return elapsed, summary
 
 
@@ -231,19 +250,27 @@ def run_stage(name: str, description: str, argv: list[str] | None = None) -> int
     git_commit()  # the code this stage runs, before anyone edits the tree
     try:
         cfg, args = parse_stage_args(description, argv)
+        from . import cluster, engine
         from .pipeline import stages
 
         registry = stages()
         stage = registry[name]
-        with run_lock(cfg):
-            remove_temporaries(Paths(cfg).run)
-            bring_upstream_up_to_date(cfg, stage, registry, set())
-            key = stage_key(cfg, stage)
-            if not args.force and up_to_date(cfg, stage, key):
-                print(f"[{name}] outputs complete for preset '{cfg.preset}': skipped (--force to redo)")
-                return 0
-            elapsed, summary = execute(cfg, stage, args.force, key)
-        print(f"[{name}] done in {elapsed:.1f} s: {summary}")
+        if engine.launched_by_torchrun() and name not in DATA_PARALLEL_STAGES:
+            raise ConfigError(f"{name} does not run under torchrun (only {', '.join(DATA_PARALLEL_STAGES)})")
+        with engine.process_group(cfg.train.device):
+            main = engine.is_main()  # under torchrun rank 0 takes the lock, brings upstream up to date, records
+            with run_lock(cfg) if main else contextlib.nullcontext(), cluster.session(cfg.cluster):
+                if main:
+                    if cfg.train.only_folds is None:  # (beside an array's other jobs, their files are not stale)
+                        remove_temporaries(Paths(cfg).run)
+                    bring_upstream_up_to_date(cfg, stage, registry, set())
+                key = engine.broadcast(stage_key(cfg, stage) if main else None)
+                if engine.broadcast(not args.force and main and up_to_date(cfg, stage, key)):
+                    print(f"[{name}] outputs complete for preset '{cfg.preset}': skipped (--force to redo)")
+                    return 0
+                elapsed, summary = execute(cfg, stage, args.force, key)
+        if main:
+            print(f"[{name}] done in {elapsed:.1f} s: {summary}")
         return 0
     except (InputError, ConfigError, RunLocked) as err:
         print(f"ERROR [{name}] {err}", file=sys.stderr)

@@ -81,6 +81,13 @@ def final_model_path(fold_dir: Path) -> Path:
     return fold_dir / "model.pt"
 
 
+def finished_fold(fold_dir: Path) -> dict | None:
+    """The fold record of a finished fold; None while its training is not complete (train_fold then
+    resumes: a finished run's last.pt makes missing pieces again)."""
+    result = read_cache(fold_dir / "result.pkl")
+    return result if result is not None and intact(final_model_path(fold_dir)) else None
+
+
 def epoch_rows(train_idx: np.ndarray, sampled: tuple[np.ndarray, int] | None, rng: np.random.Generator) -> np.ndarray:
     """The rows of one epoch: train_idx, plus `count` rows drawn afresh from `pool` when sampled=(pool, count)."""
     if not sampled:
@@ -94,10 +101,9 @@ def train_fold(cfg, data: RNATensors, fold: int, train_idx: np.ndarray, val_idx:
                sampled: tuple[np.ndarray, int] | None = None) -> dict:
     """Train one fold; resumes from fold_dir/last.pt. Returns the fold record (also fold_dir/result.pkl).
     sampled=(pool, count): every epoch also trains on `count` rows drawn from `pool` (e.g. pseudo-labels)."""
-    result_path = fold_dir / "result.pkl"
-    result = read_cache(result_path)
-    if result is not None and intact(final_model_path(fold_dir)):
-        return result  # else resume: the finished run's last.pt makes the missing pieces again
+    result = finished_fold(fold_dir)
+    if result is not None:
+        return result
     tc = cfg.train
     torch.manual_seed(epoch_seed(cfg.seed, fold, 0) + 1)  # initial weights
     model = build_model(cfg.model).to(device)
@@ -143,7 +149,7 @@ def train_fold(cfg, data: RNATensors, fold: int, train_idx: np.ndarray, val_idx:
     oof = predict(model, data, val_idx, device, tc.eval_batch_size, tc.bf16, tc.channels_last, desc="oof")
     result = {"fold": fold, "history": state["history"], **record, "val_idx": val_idx,
               "oof": {i: oof[i] for i in val_idx.tolist()}}
-    write_pickle(result_path, result)
+    write_pickle(fold_dir / "result.pkl", result)
     return result
 
 
