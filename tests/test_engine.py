@@ -271,3 +271,35 @@ def test_resuming_ranger_prints_nothing(capsys):
     capsys.readouterr()
     make_optimizer(model, settings).load_state_dict(saved)
     assert capsys.readouterr().out == ""
+
+
+def test_auto_precision_is_bf16_where_native_else_fp16_on_gpus_else_fp32(monkeypatch):
+    from nucleic.engine import autocast_dtype
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert autocast_dtype(cuda, "auto") == torch.float16  # e.g. a V100 or T4: float16 + gradient scaling
+    assert autocast_dtype(cuda, True) == torch.bfloat16 and autocast_dtype(cuda, False) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert autocast_dtype(cuda, "auto") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert autocast_dtype(CPU, "auto") is None  # emulated bf16 is slower than fp32
+
+
+def test_float16_training_goes_through_a_gradient_scaler_saved_for_resume(monkeypatch, tmp_path):
+    """The float16 path (a GPU without bf16), run here on the CPU with the dtype forced: every step's loss is
+    scaled, the scaler's state rides in last.pt, and the model learns like fp32."""
+    import nucleic.engine as engine
+
+    fp32 = fit_regression(tmp_path / "fp32")[1]
+    monkeypatch.setattr(engine, "autocast_dtype", lambda device, bf16: torch.float16)
+    scaled = []
+    original = torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, loss: scaled.append(1) or original(self, loss))
+    fp16 = fit_regression(tmp_path / "fp16")[1]
+    assert len(scaled) == 4 * 5  # every step of 4 epochs x 5 batches
+    assert "scaler" in torch.load(tmp_path / "fp16" / "last.pt", weights_only=False)
+    losses = [[h["train_loss"] for h in run["history"]] for run in (fp32, fp16)]
+    assert losses[1][-1] < 0.7 * losses[1][0]
+    assert np.allclose(losses[0], losses[1], rtol=0.15), losses  # (the scaler skips the first, overflowing steps)

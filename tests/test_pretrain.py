@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -96,22 +99,36 @@ def test_smoke_pretraining_then_training_starts_from_it(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_torchrun_processes_pretrain_like_one_with_the_whole_batch(folded_workspace, tmp_path):
-    """Stage 02 under torchrun (gloo, 2 CPU processes, each taking half of every batch of 8) follows the
-    loss trajectory and reaches the weights of one process taking whole batches (dropout 0); rank 0
-    alone writes the checkpoint and the manifest."""
-    sets = [arg for s in ("pretrain.enabled=true", "pretrain.epochs=2", "pretrain.batch_size=8", "model.dropout=0",
+    """Stage 02 under torchrun (gloo, 2 CPU processes, each taking half of every batch of 8), killed after
+    its first epoch and run again, resumes and follows the loss trajectory to the weights of one process
+    taking whole batches (dropout 0); rank 0 alone writes the checkpoints and the manifest."""
+    sets = [arg for s in ("pretrain.enabled=true", "pretrain.epochs=3", "pretrain.batch_size=8", "model.dropout=0",
                           "train.threads=1") for arg in ("--set", s)]
     kernel = [str(REPO / "kernels" / "02_pretrain.py"), "--preset", "smoke"]
     one, two = copy_of(folded_workspace, tmp_path / "one"), copy_of(folded_workspace, tmp_path / "two")
-    launches = {one: [sys.executable, *kernel],
-                two: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *kernel]}
-    for workspace, command in launches.items():
-        result = subprocess.run(command + isolated(workspace) + sets, cwd=REPO, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-3000:]
+    plain = subprocess.run([sys.executable, *kernel, *isolated(one), *sets], cwd=REPO, capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *kernel,
+                *isolated(two), *sets]
     run = ("work", "smoke", "pretrain")
+    last = two.joinpath(*run, "nt", "last.pt")
+    proc = subprocess.Popen(torchrun, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun's agent and, by their arguments, the 2 processes it started
+    subprocess.run(["pkill", "-KILL", "-f", f"paths.work={two / 'work'}"], check=False)
+    proc.wait()
+    time.sleep(0.5)
+    assert torch.load(last, weights_only=False)["state"]["epoch"] < 3, "the kill should land mid-run"
+    assert not (two / "work" / "smoke" / "manifests" / "02_pretrain.json").exists()
+    resumed = subprocess.run(torchrun, cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "pretrain: resuming at epoch" in resumed.stdout
     losses = [[h["train_loss"] for h in json.loads(w.joinpath(*run, "nt", "history.json").read_text())["history"]]
               for w in (one, two)]
-    assert len(losses[0]) == 2 and torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4)
+    assert len(losses[0]) == 3 and torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4)
     weights = [torch.load(w.joinpath(*run, "nt.pt"), weights_only=True)["model"] for w in (one, two)]
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-4) for k in weights[0])
     manifest = json.loads((two / "work" / "smoke" / "manifests" / "02_pretrain.json").read_text())
@@ -123,3 +140,31 @@ def test_a_stage_other_than_pretraining_refuses_torchrun(tmp_path, monkeypatch, 
     assert load_kernel("03_train_folds").main(["--preset", "smoke", *isolated(tmp_path)]) == 2
     assert "03_train_folds does not run under torchrun (only 02_pretrain)" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_pair_file_reads_back_the_stored_matrices_per_sample(folded_workspace, tmp_path):
+    """Stage 02 keeps pairing matrices on disk (one pair file, read per sample): collate gives exactly the
+    tensors of the in-memory path; the file is written once per set of sequences."""
+    import numpy as np
+
+    from nucleic.dataset import collate, load_rna_tensors
+    from nucleic.io_utils import read_pickle
+    from nucleic.structures import StructureStore
+
+    cfg = load_config("smoke", overrides=[f"paths.structures={folded_workspace / 'structures'}"])
+    store = StructureStore(folded_workspace / "structures", cfg.fold)
+    frame = read_pickle(folded_workspace / "work" / "smoke" / "prepared" / "test.pkl")
+    in_memory, on_disk = load_rna_tensors(frame, store), load_rna_tensors(frame, store, pairs_folder=tmp_path)
+    assert on_disk.n_slots == in_memory.n_slots == 12 and not isinstance(on_disk.bpp[0], np.ndarray)
+    lengths, slots = on_disk.lengths, np.arange(len(frame)) % 12
+    for length in (107, 130):
+        batch = np.flatnonzero(lengths == length)
+        assert len(batch) == 10
+        a, b = (collate(d, batch, slots[batch], torch.device("cpu")) for d in (in_memory, on_disk))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    (pair_file,) = tmp_path.glob("*.f16")
+    written = pair_file.stat().st_mtime_ns
+    load_rna_tensors(frame, store, pairs_folder=tmp_path)
+    assert pair_file.stat().st_mtime_ns == written
+    load_rna_tensors(frame.iloc[:5], store, pairs_folder=tmp_path)  # other sequences: a new file, the old one gone
+    assert [p.name for p in tmp_path.glob("*.f16")] != [pair_file.name] and len(list(tmp_path.glob("*.f16"))) == 1

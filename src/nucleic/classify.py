@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .dna_data import DNA_ALPHABET
-from .engine import Trainer, eq11_peak_lr, load_checkpoint, make_adam, seed_torch, warmup_inverse_sqrt
+from .engine import Trainer, eq11_peak_lr, load_checkpoint, make_adam, seed_torch, to_device, warmup_inverse_sqrt
 from .features import tokenize
 from .models.classifiers import BothStrands, DanQ, NTClassifier, NucleotideCNN, ViraMiner, WithKmerBranch
 
@@ -128,8 +128,8 @@ def fit_classifier(kind: str, settings, tc, tokens: torch.Tensor, labels: np.nda
         return order.split(tc.batch_size)
 
     def batch_loss(batch, rng):
-        logits = model(mutate(tokens[batch], tc.nmute, generator).to(device), *_rows(pairs, batch, device))
-        return F.binary_cross_entropy_with_logits(logits.float(), labels_t[batch].to(device),
+        logits = model(to_device(mutate(tokens[batch], tc.nmute, generator), device), *_rows(pairs, batch, device))
+        return F.binary_cross_entropy_with_logits(logits.float(), to_device(labels_t[batch], device),
                                                   pos_weight=epoch["pos_weight"])
 
     def evaluate(done: int) -> dict:
@@ -169,14 +169,14 @@ def load_classifier(path, device: torch.device) -> tuple[torch.nn.Module, int]:
 
 def _rows(pairs: torch.Tensor | None, rows, device) -> tuple:
     """The extra model input of these rows (pairing matrices), or nothing for sequence-only models."""
-    return () if pairs is None else (pairs[rows].to(device),)
+    return () if pairs is None else (to_device(pairs[rows], device),)
 
 
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int,
                   pairs: torch.Tensor | None = None) -> np.ndarray:
     model.eval()
-    return np.concatenate([torch.sigmoid(model(tokens[rows].to(device), *_rows(pairs, rows, device))).cpu().numpy()
+    return np.concatenate([torch.sigmoid(model(to_device(tokens[rows], device), *_rows(pairs, rows, device))).cpu().numpy()
                            for rows in torch.arange(len(tokens)).split(batch_size)])
 
 

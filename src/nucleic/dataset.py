@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from .engine import to_device
 from .features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS, pair_features, tokenize
-from .structures import StructureStore, sequence_key
+from .structures import PairRow, StructureStore, pair_rows, sequence_key
 
 
 @dataclass
@@ -17,7 +19,7 @@ class RNATensors:
     sequence: list[np.ndarray]  # (L,) token ids
     structure: list[np.ndarray]  # (n_slots, L) token ids, one row per structure prediction
     loop: list[np.ndarray]  # (n_slots, L)
-    bpp: list[np.ndarray]  # (n_slots, L, L) float16
+    bpp: list[np.ndarray] | list[PairRow]  # (n_slots, L, L) float16, in memory or read per sample
     seq_scored: np.ndarray
     targets: list[np.ndarray] | None = None  # (seq_scored, 5)
     errors: list[np.ndarray] | None = None
@@ -42,16 +44,20 @@ class RNATensors:
         return self.bpp[0].shape[0]
 
 
-def load_rna_tensors(frame: pd.DataFrame, store: StructureStore) -> RNATensors:
-    records = store.load(list(frame.sequence))
+def load_rna_tensors(frame: pd.DataFrame, store: StructureStore, pairs_folder: Path | None = None) -> RNATensors:
+    """The rows of `frame` with their structure predictions. pairs_folder: the pairing matrices stay on disk
+    (a pair file there, read per sample), so memory does not grow with them (12 L^2 float16 per sequence)."""
+    on_disk = pairs_folder is not None
+    records = store.load(list(frame.sequence), with_bpp=not on_disk)
     rows = [records[sequence_key(s)] for s in frame.sequence]
+    bpp = pair_rows(store, list(frame.sequence), pairs_folder) if on_disk else [r["bpp"] for r in rows]
     labelled = "targets" in frame
     return RNATensors(
         ids=list(frame.id),
         sequence=[tokenize(s, SEQUENCE_TOKENS) for s in frame.sequence],
         structure=[np.stack([tokenize(s, STRUCTURE_TOKENS) for s in r["structure"]]) for r in rows],
         loop=[np.stack([tokenize(s, LOOP_TOKENS) for s in r["loop"]]) for r in rows],
-        bpp=[r["bpp"] for r in rows],
+        bpp=bpp,
         seq_scored=frame.seq_scored.to_numpy(),
         targets=list(frame.targets) if labelled else None,
         errors=list(frame.errors) if labelled else None,
@@ -96,4 +102,4 @@ def collate(data: RNATensors, indices: np.ndarray, slots: np.ndarray, device: to
         batch["errors"] = torch.from_numpy(np.stack([data.errors[i] for i in indices]))
     if channels_last:
         batch["pair_features"] = batch["pair_features"].contiguous(memory_format=torch.channels_last)
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: to_device(v, device) for k, v in batch.items()}

@@ -55,17 +55,38 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def use_bf16(device: torch.device, bf16: bool | str) -> bool:
-    """A bf16 setting: true, false, or "auto" (on where the device has native bf16)."""
+def autocast_dtype(device: torch.device, bf16: bool | str) -> torch.dtype | None:
+    """The mixed precision of a train.bf16 setting: true = bfloat16; auto = bfloat16 where the device
+    computes it natively, float16 on a CUDA GPU without it (training then scales gradients), else none
+    (fp32); false = none."""
     if bf16 == "auto":
-        return native_bf16(device)
+        if native_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else None
     if isinstance(bf16, bool):
-        return bf16
+        return torch.bfloat16 if bf16 else None
     raise ValueError(f"bf16 must be true, false or auto, not {bf16!r}")
 
 
+def use_bf16(device: torch.device, bf16: bool | str) -> bool:
+    return autocast_dtype(device, bf16) == torch.bfloat16
+
+
 def autocast(device: torch.device, bf16: bool | str):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, bf16) else nullcontext()
+    dtype = autocast_dtype(device, bf16)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def grad_scaler(device: torch.device, bf16: bool | str) -> torch.amp.GradScaler | None:
+    """Gradient scaling for float16 training (its gradients underflow without it); none otherwise."""
+    return torch.amp.GradScaler(device.type) if autocast_dtype(device, bf16) == torch.float16 else None
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU through pinned memory, the copy overlapping the computation."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 # ------------------------------------------------------------------------- data parallel (torchrun)
@@ -284,6 +305,7 @@ class Trainer:
         self.state = {"epoch": 0, "history": [], "best_score": float("inf"), "best_epoch": -1, "top": []}
         # what batch_loss calls: the model itself, or under torchrun its DistributedDataParallel wrapper
         # (gradients averaged over the processes during backward); checkpoints hold the model's own keys
+        self.scaler = grad_scaler(device, bf16)
         self.net = model
         if world()[1] > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -317,6 +339,8 @@ class Trainer:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and "scaler" in checkpoint:
+            self.scaler.load_state_dict(checkpoint["scaler"])
         self.state = checkpoint["state"]
         print(f"{self.name}: resuming at epoch {self.state['epoch']} from {self.last_path}", flush=True)
         return True
@@ -353,7 +377,8 @@ class Trainer:
             if is_main():
                 save_checkpoint(self.last_path, {"model": self.model.state_dict(),
                                                  "optimizer": self.optimizer.state_dict(),
-                                                 "scheduler": self.scheduler.state_dict(), "state": self.state})
+                                                 "scheduler": self.scheduler.state_dict(), "state": self.state,
+                                                 **({"scaler": self.scaler.state_dict()} if self.scaler else {})})
                 self._drop_stale_top()
             barrier()
             text = describe(scores) if scores else ("not validated" if evaluate is not None else None)
@@ -393,16 +418,29 @@ class Trainer:
             with autocast(self.device, self.bf16):
                 loss = batch_loss(batch, rng)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.optimizer.step()
+            self._step(loss)
             self.scheduler.step()
             if size_of_world > 1:  # the global batch's loss: the processes' weighted shares, summed
                 loss = loss.detach() / size_of_world
                 dist.all_reduce(loss)
             losses.append(loss.item())
         return float(np.mean(losses))
+
+    def _step(self, loss: torch.Tensor) -> None:
+        """Backward, clipping and the optimizer step; in float16 through the gradient scaler, which skips
+        a step whose gradients overflowed."""
+        if self.scaler is None:
+            loss.backward()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _evaluate_start(self, evaluate, describe) -> None:
         start = time.time()

@@ -29,13 +29,14 @@ from .engine import (
     resolve_device,
     save_checkpoint,
     seed_torch,
+    to_device,
     world,
 )
 from .features import LOOP_TOKENS, NULL_TOKEN, SEQUENCE_TOKENS, STRUCTURE_TOKENS
 from .io_utils import read_pickle, write_json
 from .models.nucleic_transformer import NucleicTransformer
 from .stage import InputError, artifact_meta, claim_work_dir
-from .structures import StructureStore
+from .structures import StructureStore, pair_rows
 from .train import build_model
 
 STREAMS = (("sequence", SEQUENCE_TOKENS), ("structure", STRUCTURE_TOKENS), ("loop", LOOP_TOKENS))
@@ -116,13 +117,15 @@ def run_pretraining(cfg: Config, force: bool = False) -> tuple[list[Path], dict]
     sequences = pretraining_sequences(cfg)
     store = StructureStore(paths.structures, cfg.fold)
     work_dir = pretrain_checkpoint(cfg).parent / cfg.model.name
-    if is_main():  # under torchrun, rank 0 folds and claims; the others wait for it
-        store.fold_all(sequences, meta={"stage": "02_pretrain"}, n_jobs=cfg.fold.n_jobs)  # random ones, if any
-        claim_work_dir(work_dir, pretrain_settings(cfg), force)
-    barrier()
     frame = pd.DataFrame({"id": [f"seq{i}" for i in range(len(sequences))], "sequence": sequences,
                           "seq_scored": [len(s) for s in sequences]})
-    data = load_rna_tensors(frame, store)
+    pairs = paths.run / "pairs"  # 100k+ sequences' matrices do not fit in memory: read per sample
+    if is_main():  # under torchrun, rank 0 folds, claims and writes the pair file; the others wait for it
+        store.fold_all(sequences, meta={"stage": "02_pretrain"}, n_jobs=cfg.fold.n_jobs)  # random ones, if any
+        claim_work_dir(work_dir, pretrain_settings(cfg), force)
+        pair_rows(store, sequences, pairs)
+    barrier()
+    data = load_rna_tensors(frame, store, pairs_folder=pairs)
     history = pretrain_loop(cfg, data, work_dir, device)
     output = pretrain_checkpoint(cfg)
     summary = {"sequences": len(sequences), "final_loss": round(history[-1]["train_loss"], 4),
@@ -168,7 +171,7 @@ def pretrain_loop(cfg: Config, data: RNATensors, work_dir: Path, device: torch.d
         mine, weight = batch_share(len(batch))
         inputs = collate(data, batch[mine], slots[mine], device, channels_last=tc.channels_last)
         truth = {name: inputs[name] for name, _ in STREAMS}
-        inputs.update({name: corrupted[name][mine].to(device) for name, _ in STREAMS})
+        inputs.update({name: to_device(corrupted[name][mine], device) for name, _ in STREAMS})
         loss = reconstruction_loss(trainer.net(**inputs), truth)
         return loss if weight == 1.0 else loss * weight
 

@@ -266,7 +266,8 @@ def run_stage(name: str, description: str, argv: list[str] | None = None) -> int
                     bring_upstream_up_to_date(cfg, stage, registry, set())
                 key = engine.broadcast(stage_key(cfg, stage) if main else None)
                 if engine.broadcast(not args.force and main and up_to_date(cfg, stage, key)):
-                    print(f"[{name}] outputs complete for preset '{cfg.preset}': skipped (--force to redo)")
+                    if main:
+                        print(f"[{name}] outputs complete for preset '{cfg.preset}': skipped (--force to redo)")
                     return 0
                 elapsed, summary = execute(cfg, stage, args.force, key)
         if main:

@@ -85,8 +85,9 @@ class StructureStore:
         buckets = sorted({self.bucket(sequence_key(s)) for s in sequences})
         return [self.shard_path(slot, b) for b in buckets for slot in self.slots]
 
-    def load(self, sequences: list[str]) -> dict[str, dict]:
-        """{key: {"bpp": (n_slots, L, L) float16, "structure": [...], "loop": [...]}} for each sequence."""
+    def load(self, sequences: list[str], with_bpp: bool = True) -> dict[str, dict]:
+        """{key: {"bpp": (n_slots, L, L) float16, "structure": [...], "loop": [...]}} for each sequence
+        (with_bpp=False: no "bpp", and the matrices are not read)."""
         keys = {sequence_key(s) for s in sequences}
         by_bucket: dict[int, set[str]] = {}
         for key in keys:
@@ -104,7 +105,8 @@ class StructureStore:
                         for key in bucket_keys:
                             if f"{key}.bpp" not in shard.files:
                                 raise InputError(path, f"lacks sequence {key}: run stage 01 (fold_structures)")
-                            out[key]["bpp"].append(shard[f"{key}.bpp"])
+                            if with_bpp:
+                                out[key]["bpp"].append(shard[f"{key}.bpp"])
                             out[key]["structure"].append(str(shard[f"{key}.structure"]))
                             out[key]["loop"].append(str(shard[f"{key}.loop"]))
                 except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
@@ -112,8 +114,29 @@ class StructureStore:
                     raise InputError(path, f"damaged structure shard ({type(err).__name__}), removed: run stage 01 "
                                            "(fold_structures) again to refold it") from None
         for entry in out.values():
-            entry["bpp"] = np.stack(entry["bpp"])
+            if with_bpp:
+                entry["bpp"] = np.stack(entry["bpp"])
+            else:
+                del entry["bpp"]
         return out
+
+    def write_pair_file(self, sequences: list[str], path: Path) -> None:
+        """Every sequence's (n_slots, L, L) float16 matrices, one after another in `sequences` order, into
+        one flat file (read back per sample: PairRow), written a bucket of shards at a time so that memory
+        stays that of one bucket."""
+        from .io_utils import atomic_path
+
+        offsets = pair_offsets(sequences, len(self.slots))
+        by_bucket: dict[int, list[int]] = {}
+        for row, sequence in enumerate(sequences):
+            by_bucket.setdefault(self.bucket(sequence_key(sequence)), []).append(row)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.truncate(int(offsets[-1]))
+            for rows in tqdm(by_bucket.values(), desc="pair file", unit="bucket", leave=False):
+                found = self.load([sequences[r] for r in rows])
+                for r in rows:
+                    f.seek(int(offsets[r]))
+                    f.write(np.ascontiguousarray(found[sequence_key(sequences[r])]["bpp"], dtype=np.float16).tobytes())
 
     def fold_unit(self, slot: Slot, bucket: int, todo: dict[str, str], meta: dict) -> tuple[str, int, float]:
         """Fold the missing sequences of one shard and write it back merged. Runs in a worker."""
@@ -148,6 +171,44 @@ class StructureStore:
                 acc[1] += seconds
         return {"units_folded": len(units),
                 "seq_per_s_per_core": {k: round(n / max(s, 1e-9), 1) for k, (n, s) in sorted(stats.items())}}
+
+
+def pair_offsets(sequences: list[str], n_slots: int) -> np.ndarray:
+    """Byte offset of every sequence's matrices in a pair file, and the file's size last."""
+    sizes = np.array([n_slots * len(s) ** 2 * 2 for s in sequences], dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+@dataclass(frozen=True)
+class PairRow:
+    """One sequence's pairing matrices in a pair file, read from disk when indexed: `row[slot]` is the
+    (L, L) float16 matrix of one structure prediction, exactly as stored."""
+    path: str
+    offset: int
+    n_slots: int
+    length: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.n_slots, self.length, self.length
+
+    def __getitem__(self, slot: int) -> np.ndarray:
+        count = self.length * self.length
+        matrix = np.fromfile(self.path, dtype=np.float16, count=count, offset=self.offset + int(slot) * count * 2)
+        return matrix.reshape(self.length, self.length)
+
+
+def pair_rows(store: StructureStore, sequences: list[str], folder: Path) -> list[PairRow]:
+    """The matrices of `sequences` as PairRows of one pair file in `folder`, written when missing (named by
+    the sequences and the folding settings; files of other sequences are removed)."""
+    digest = hashlib.sha1(json.dumps([sequences, store.fold_cfg], sort_keys=True, default=str).encode()).hexdigest()
+    path = Path(folder) / f"{digest[:16]}.f16"
+    offsets = pair_offsets(sequences, len(store.slots))
+    if not path.exists() or path.stat().st_size != offsets[-1]:
+        for other in Path(folder).glob("*.f16"):
+            other.unlink()
+        store.write_pair_file(sequences, path)
+    return [PairRow(str(path), int(offsets[i]), len(store.slots), len(s)) for i, s in enumerate(sequences)]
 
 
 # ---------------------------------------------------------------- stage 01
