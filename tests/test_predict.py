@@ -1,6 +1,9 @@
 """The predict command: round trips on a tiny FASTA for OpenVaccine and a classifier; bad records."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -113,3 +116,15 @@ def test_missing_weights_name_the_stage(tmp_path, capsys):
     code = main(["viral", "--input", str(source), "--output", str(tmp_path / "o.csv"), "--preset", "smoke",
                  *isolated(tmp_path / "nothing")])
     assert code == 2 and "run stage 11_viral" in capsys.readouterr().err
+
+
+def test_predict_module_loads_the_classification_tasks_only_when_asked():
+    code = "import sys, nucleic.predict; assert 'nucleic.dna_tasks' not in sys.modules, 'imported dna_tasks'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_one_suffix_rule_names_every_trained_classifier(tmp_path):
+    from nucleic.dna_tasks import is_random_forest, served_weights
+
+    assert served_weights(tmp_path, "rf") == tmp_path / "serve_rf.joblib" and is_random_forest(tmp_path / "serve_rf.joblib")
+    assert served_weights(tmp_path, "nt") == tmp_path / "serve_nt.pt" and not is_random_forest(tmp_path / "serve_nt.pt")

@@ -58,7 +58,7 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
             probs = predict_proba(model, tokens[val_idx], device, 256, _take(pairs, val_idx))
             found = (attention_motifs(model, tokens[val_idx], labels[val_idx], probs, frame.sequence.iloc[val_idx])
                      if kind == "nt" else {})
-            save_classifier(cache.with_suffix(".pt"), kind, model_settings(task_cfg, kind), tokens.shape[1], model)
+            save_classifier(cache.with_suffix(weights_suffix(kind)), kind, model_settings(task_cfg, kind), tokens.shape[1], model)
             result = {"probs": probs, "history": history, "motifs": dict(found)}
             write_pickle(cache, result)
         folds[val_idx], probabilities[val_idx] = fold, result["probs"]
@@ -186,8 +186,8 @@ def _data_key(cfg: Config, section: str, task: str) -> dict:
 
 def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_idx, val_idx, test_idx,
                   cache: Path, device) -> dict:
-    """Train `kind` on train_idx, score test_idx; cached, with the model beside the cache (.pt, or
-    .joblib for the random forest). With val_idx, the epoch with the best validation AUC is kept and the
+    """Train `kind` on train_idx, score test_idx; cached, with the model beside the cache (weights_suffix).
+    With val_idx, the epoch with the best validation AUC is kept and the
     validation rows' probabilities are returned too ("val_probs", for choosing a blend); without (None),
     the last epoch (the test set then only draws the curves)."""
     result = read_cache(cache)
@@ -196,7 +196,7 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
         scored = [test_idx] if val_idx is None else [test_idx, val_idx]
         if kind == "rf":
             forest = fit_random_forest(cfg, task_cfg, frame, train_idx)
-            save_random_forest(cache.with_suffix(".joblib"), forest, task_cfg.rf.ks)
+            save_random_forest(cache.with_suffix(weights_suffix(kind)), forest, task_cfg.rf.ks)
             probs = [random_forest_proba(forest, task_cfg.rf.ks, list(frame.sequence.iloc[rows])) for rows in scored]
             history = []
         else:
@@ -209,7 +209,7 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
                                             select_best=val_idx is not None, pairs=_take(pairs, train_idx),
                                             val_pairs=_take(pairs, watch))
             probs = [predict_proba(model, tokens[rows], device, 256, _take(pairs, rows)) for rows in scored]
-            save_classifier(cache.with_suffix(".pt"), kind, model_settings(task_cfg, kind), tokens.shape[1], model)
+            save_classifier(cache.with_suffix(weights_suffix(kind)), kind, model_settings(task_cfg, kind), tokens.shape[1], model)
         result = {"probs": probs[0], "history": history} | ({} if val_idx is None else {"val_probs": probs[1]})
         write_pickle(cache, result)
     return {**result, "metrics": binary_classification_metrics(frame.label.to_numpy()[test_idx], result["probs"])}
@@ -341,9 +341,18 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     return [metrics, *figures], {k: round(v["auc"], 4) for k, v in report.items()}
 
 
+def weights_suffix(kind: str) -> str:
+    """The file suffix of a trained model of `kind`: joblib for the random forest, torch for the networks."""
+    return ".joblib" if kind == "rf" else ".pt"
+
+
+def is_random_forest(weights: Path) -> bool:
+    return Path(weights).suffix == weights_suffix("rf")
+
+
 def served_weights(work: Path, kind: str) -> Path:
     """Where stage 11 writes the served model `kind`, trained on every experiment."""
-    return work / f"serve_{kind}.{'joblib' if kind == 'rf' else 'pt'}"
+    return (work / f"serve_{kind}").with_suffix(weights_suffix(kind))
 
 
 def mirna_key(cfg: Config) -> dict:

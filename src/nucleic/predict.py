@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError, Paths, load_config
-from .dna_tasks import random_forest_proba, served_weights
 from .features import clean_sequence
 from .stage import InputError, read_text
 
@@ -98,10 +97,11 @@ def predict_classifier(cfg, records, weights: list[Path], path: Path, device) ->
     (.joblib, stage 11). Sequences may be as long as the shortest length a network was trained on."""
     from .classify import encode_sequences, load_classifier, predict_proba
     from .dna_data import DNA_ALPHABET
+    from .dna_tasks import is_random_forest, random_forest_proba
     from .structures import pairing_probabilities
 
-    forests = [load_random_forest(w) for w in weights if w.suffix == ".joblib"]
-    models = [load_classifier(w, device) for w in weights if w.suffix != ".joblib"]
+    forests = [load_random_forest(w) for w in weights if is_random_forest(w)]
+    models = [load_classifier(w, device) for w in weights if not is_random_forest(w)]
     length = min((trained for _, trained in models), default=MAX_DNA_LENGTH)
     cleaned = clean_records(records, path, DNA_ALPHABET, length)
     sequences = [s for _, s in cleaned]
@@ -140,6 +140,8 @@ def default_weights(cfg, task: str) -> list[Path]:
         found = sorted((run / "promoter" / cfg.promoter.model).glob("fold*.pt"))
         stage = "10_promoter"
     elif task == "viral":
+        from .dna_tasks import served_weights
+
         metrics = Paths(cfg).oof / "viral_metrics.json"
         served = json.loads(metrics.read_text())["served"]["models"] if metrics.exists() else []
         found = [served_weights(run / "viral", kind) for kind in served]
