@@ -20,7 +20,7 @@ from nucleic.classify import encode_sequences, fit_classifier, predict_proba
 from nucleic.config import Paths, load_config
 from nucleic.dna_data import read_promoter
 from nucleic.dna_tasks import stratified_subset, task_input
-from nucleic.engine import configure_threads, resolve_device
+from nucleic.engine import setup_device
 from nucleic.io_utils import write_json
 from nucleic.metrics import binary_classification_metrics
 
@@ -34,8 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.preset, overrides=args.set)
     pc = cfg.promoter
-    configure_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = setup_device(cfg.train)
     frame = stratified_subset(read_promoter(task_input(cfg, "promoter") / "v9d3.csv"), pc.max_rows, cfg.seed)
     tokens, labels = encode_sequences(list(frame.sequence)), frame.label.to_numpy()
     splitter = StratifiedKFold(pc.folds, shuffle=True, random_state=cfg.seed)

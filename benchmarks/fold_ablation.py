@@ -16,7 +16,7 @@ import json
 import time
 
 from nucleic.config import Paths, load_config, with_settings
-from nucleic.engine import configure_threads, resolve_device
+from nucleic.engine import setup_device
 from nucleic.io_utils import read_pickle, write_json
 from nucleic.openvaccine import _claim_model_dir, fold_indices, initial_weights, load_training_data, model_dir
 from nucleic.train import score_rows, train_fold
@@ -32,8 +32,7 @@ def main() -> None:
     base = load_config(args.preset)
     variant = load_config(args.preset, overrides=args.set)
     variant = with_settings(variant, **{"model.name": f"{base.model.name}_{args.name}"})
-    configure_threads(variant.train.threads)
-    device = resolve_device(variant.train.device)
+    device = setup_device(variant.train)
     _, data, folds = load_training_data(base)
     train_idx, val_idx = fold_indices(variant, data, folds, args.fold)
     scored = val_idx[data.sn_filter[val_idx] == 1]

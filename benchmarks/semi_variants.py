@@ -23,7 +23,7 @@ import numpy as np
 
 from nucleic.config import Paths, load_config, with_settings
 from nucleic.dataset import load_rna_tensors
-from nucleic.engine import configure_threads, resolve_device
+from nucleic.engine import setup_device
 from nucleic.io_utils import read_pickle, write_json, write_pickle
 from nucleic.openvaccine import _claim_model_dir, load_training_data, model_dir, read_prepared
 from nucleic.semi_supervised import fold_pseudo_labels, pseudo_label_path, semi_model, semi_stamp, semi_supervised_fold
@@ -50,8 +50,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     cfg = load_config(args.preset, overrides=["semi.start=supervised", *args.set])
-    configure_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = setup_device(cfg.train)
     frame, data, folds = load_training_data(cfg)
     test = load_rna_tensors(read_prepared(cfg, "test"), StructureStore(Paths(cfg).structures, cfg.fold))
 

@@ -24,7 +24,7 @@ import numpy as np
 from nucleic.config import Paths, load_config
 from nucleic.dna_data import read_viral
 from nucleic.dna_tasks import choose_blend, fit_and_score, stratified_split, stratified_subset, task_input, viral_key
-from nucleic.engine import configure_threads, resolve_device
+from nucleic.engine import setup_device
 from nucleic.io_utils import write_json
 from nucleic.metrics import binary_classification_metrics
 from nucleic.plots import plot_grouped_scores
@@ -40,8 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.preset, overrides=args.set)
     vc = cfg.viral
-    configure_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = setup_device(cfg.train)
     frame = stratified_subset(read_viral(task_input(cfg, "viral")), vc.max_rows, cfg.seed)
     labels, groups = frame.label.to_numpy(), frame.group.to_numpy()
     work = claim_work_dir(Paths(cfg).run / "viral_loeo" / args.name, viral_key(cfg), False)

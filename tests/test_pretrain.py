@@ -142,9 +142,11 @@ def test_a_stage_other_than_pretraining_refuses_torchrun(tmp_path, monkeypatch, 
     assert not list(tmp_path.iterdir())
 
 
-def test_pair_file_reads_back_the_stored_matrices_per_sample(folded_workspace, tmp_path):
+def test_pair_file_reads_back_the_stored_matrices_per_sample(folded_workspace, tmp_path, monkeypatch):
     """Stage 02 keeps pairing matrices on disk (one pair file, read per sample): collate gives exactly the
-    tensors of the in-memory path; the file is written once per set of sequences."""
+    tensors of the in-memory path; the file is written once per set of sequences, reading each shard once."""
+    from collections import Counter
+
     import numpy as np
 
     from nucleic.dataset import collate, load_rna_tensors
@@ -154,7 +156,12 @@ def test_pair_file_reads_back_the_stored_matrices_per_sample(folded_workspace, t
     cfg = load_config("smoke", overrides=[f"paths.structures={folded_workspace / 'structures'}"])
     store = StructureStore(folded_workspace / "structures", cfg.fold)
     frame = read_pickle(folded_workspace / "work" / "smoke" / "prepared" / "test.pkl")
-    in_memory, on_disk = load_rna_tensors(frame, store), load_rna_tensors(frame, store, pairs_folder=tmp_path)
+    in_memory = load_rna_tensors(frame, store)
+    opened, real_load = Counter(), np.load
+    monkeypatch.setattr(np, "load", lambda path, **kw: (opened.update([str(path)]), real_load(path, **kw))[1])
+    on_disk = load_rna_tensors(frame, store, pairs_folder=tmp_path)
+    monkeypatch.undo()
+    assert set(opened) == {str(p) for p in store.shard_paths(list(frame.sequence))} and set(opened.values()) == {1}
     assert on_disk.n_slots == in_memory.n_slots == 12 and not isinstance(on_disk.bpp[0], np.ndarray)
     lengths, slots = on_disk.lengths, np.arange(len(frame)) % 12
     for length in (107, 130):
@@ -164,7 +171,8 @@ def test_pair_file_reads_back_the_stored_matrices_per_sample(folded_workspace, t
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     (pair_file,) = tmp_path.glob("*.f16")
     written = pair_file.stat().st_mtime_ns
-    load_rna_tensors(frame, store, pairs_folder=tmp_path)
+    again = load_rna_tensors(frame, store, pairs_folder=tmp_path)
     assert pair_file.stat().st_mtime_ns == written
+    assert all(np.array_equal(a, b) for a, b in zip(again.structure + again.loop, on_disk.structure + on_disk.loop))
     load_rna_tensors(frame.iloc[:5], store, pairs_folder=tmp_path)  # other sequences: a new file, the old one gone
     assert [p.name for p in tmp_path.glob("*.f16")] != [pair_file.name] and len(list(tmp_path.glob("*.f16"))) == 1

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .engine import resolve_device
+from .engine import configure_threads, resolve_device
 
 _client = None  # the open session's dask Client (None: units run in this process)
 
@@ -76,10 +76,12 @@ def map_units(function: Callable, units: list[tuple], local: dict | None = None)
     return client.gather(futures)
 
 
-def unit_device(name: str) -> torch.device:
-    """The device of a unit of work: train.device, with `cuda` pinned to this LocalCluster worker's own
-    GPU (workers are named 0..n-1). Workers started by hand see one GPU each (CUDA_VISIBLE_DEVICES)."""
-    device = resolve_device(name)
+def unit_device(tc) -> torch.device:
+    """What a unit of work that loads its own data sets up first: torch's threads from train.threads, and
+    train.device, with `cuda` pinned to this LocalCluster worker's own GPU (workers are named 0..n-1).
+    Workers started by hand see one GPU each (CUDA_VISIBLE_DEVICES)."""
+    configure_threads(tc.threads)
+    device = resolve_device(tc.device)
     if device.type != "cuda" or device.index is not None:
         return device
     try:

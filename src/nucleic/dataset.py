@@ -47,10 +47,14 @@ class RNATensors:
 def load_rna_tensors(frame: pd.DataFrame, store: StructureStore, pairs_folder: Path | None = None) -> RNATensors:
     """The rows of `frame` with their structure predictions. pairs_folder: the pairing matrices stay on disk
     (a pair file there, read per sample), so memory does not grow with them (12 L^2 float16 per sequence)."""
-    on_disk = pairs_folder is not None
-    records = store.load(list(frame.sequence), with_bpp=not on_disk)
-    rows = [records[sequence_key(s)] for s in frame.sequence]
-    bpp = pair_rows(store, list(frame.sequence), pairs_folder) if on_disk else [r["bpp"] for r in rows]
+    sequences = list(frame.sequence)
+    if pairs_folder is None:
+        records = store.load(sequences)
+        bpp = [records[sequence_key(s)]["bpp"] for s in sequences]
+    else:
+        bpp, records = pair_rows(store, sequences, pairs_folder)
+        records = records if records is not None else store.load(sequences, with_bpp=False)
+    rows = [records[sequence_key(s)] for s in sequences]
     labelled = "targets" in frame
     return RNATensors(
         ids=list(frame.id),

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .classify import encode_sequences, fit_classifier, model_settings, predict_proba, save_classifier
 from .config import Config, Paths
 from .dna_data import read_mirna, read_promoter, read_viral
-from .engine import configure_threads, resolve_device
+from .engine import setup_device
 from .io_utils import read_cache, write_csv, write_json, write_pickle
 from .metrics import binary_classification_metrics
 from .stage import artifact_meta, claim_work_dir
@@ -145,8 +145,7 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     from .plots import plot_classifier_learning_curves, plot_confusion, plot_motifs, plot_roc_pr
 
     paths, pc = Paths(cfg), cfg.promoter
-    configure_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = setup_device(cfg.train)
     frame = stratified_subset(read_promoter(task_input(cfg, "promoter") / "v9d3.csv"), pc.max_rows, cfg.seed)
     work = claim_work_dir(paths.run / "promoter" / pc.model, promoter_key(cfg), force)
     result = run_cv(cfg, pc, frame, work, device)
@@ -286,8 +285,7 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     from .plots import plot_classifier_learning_curves, plot_confusion, plot_roc_pr
 
     paths, vc = Paths(cfg), cfg.viral
-    configure_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = setup_device(cfg.train)
     frame = stratified_subset(read_viral(task_input(cfg, "viral")), vc.max_rows, cfg.seed)
     labels = frame.label.to_numpy()
     everything = np.arange(len(frame))
@@ -365,8 +363,7 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     from .plots import plot_classifier_learning_curves, plot_confusion, plot_roc_pr
 
     paths, mc = Paths(cfg), cfg.mirna
-    configure_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = setup_device(cfg.train)
     frame = stratified_subset(read_mirna(task_input(cfg, "mirna")), mc.max_rows, cfg.seed)
     labels = frame.label.to_numpy()
     train_idx, test_idx = stratified_split(np.arange(len(frame)), labels, 0.3, cfg.seed)

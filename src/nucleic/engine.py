@@ -45,6 +45,12 @@ def configure_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def setup_device(tc) -> torch.device:
+    """What every stage does first: torch's threads from train.threads, and the device train.device names."""
+    configure_threads(tc.threads)
+    return resolve_device(tc.device)
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether this device computes in bfloat16 natively; elsewhere bf16 is emulated and about 10x slower
     than fp32 (measured on an AVX2-only CPU)."""

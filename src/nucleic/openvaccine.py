@@ -12,8 +12,8 @@ import pandas as pd
 from .cluster import map_units, unit_device
 from .config import Config, Paths
 from .data import SCORED_COLUMNS, TARGETS
-from .dataset import load_rna_tensors
-from .engine import configure_threads, read_checkpoint, resolve_device
+from .dataset import RNATensors, load_rna_tensors
+from .engine import read_checkpoint, setup_device
 from .io_utils import read_cache, read_pickle, write_csv, write_json, write_pickle
 from .metrics import columnwise_rmse
 from .stage import InputError, artifact_meta, claim_work_dir
@@ -122,9 +122,8 @@ def train_fold_unit(cfg: Config, fold: int, init: Path | None, loaded: tuple | N
         finished = finished_fold(fold_dir)
         if finished is not None:
             return finished
-        configure_threads(cfg.train.threads)
+        device = unit_device(cfg.train)
         _, data, folds = load_training_data(cfg)
-        device = unit_device(cfg.train.device)
     else:
         data, folds, device = loaded
     return train_fold(cfg, data, fold, *fold_indices(cfg, data, folds, fold), fold_dir, device, init)
@@ -140,8 +139,7 @@ def fold_units(cfg: Config, force: bool = False) -> list[tuple]:
 
 def train_folds(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     start = time.time()
-    configure_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = setup_device(cfg.train)
     frame, data, folds = load_training_data(cfg)
     units = fold_units(cfg, force)
     results = map_units(train_fold_unit, units, {"loaded": (data, folds, device)})
@@ -201,35 +199,36 @@ def predict_key(cfg: Config) -> dict:
             "settings": training_settings(cfg), "prepared": train_key(cfg)["prepared"]}
 
 
+def test_moments_path(cfg: Config, fold: int) -> Path:
+    return model_dir(cfg) / f"fold{fold}" / "test_moments.pkl"
+
+
 def fold_test_moments(cfg: Config, fold: int, data, device, force: bool = False) -> dict[int, np.ndarray]:
     """{test index: (2, L, 5)}: mean and standard deviation over the 12 structure predictions of
-    fold `fold`'s model, cached in its folder (test_moments.pkl)."""
-    fold_dir = model_dir(cfg) / f"fold{fold}"
-    cache = fold_dir / "test_moments.pkl"
+    fold `fold`'s model, cached in its folder (test_moments_path)."""
+    fold_dir, cache = model_dir(cfg) / f"fold{fold}", test_moments_path(cfg, fold)
     cached = None if force else read_cache(cache)
     if cached is not None:
         return cached
-    tc = cfg.train
     model = build_model(cfg.model).to(device)
     model.load_state_dict(read_checkpoint(final_model_path(fold_dir), device)["model"])
-    moments = predict(model, data, np.arange(len(data)), device, tc.eval_batch_size, tc.bf16, tc.channels_last,
-                      desc=f"test fold {fold}", moments=True)
+    moments = predict(model, data, np.arange(len(data)), device, cfg.train, desc=f"test fold {fold}", moments=True)
     write_pickle(cache, moments)
     return moments
 
 
-def load_test_data(cfg: Config):
+def load_test_data(cfg: Config) -> RNATensors:
     return load_rna_tensors(read_prepared(cfg, "test"), StructureStore(Paths(cfg).structures, cfg.fold))
 
 
 def test_moments_unit(cfg: Config, fold: int, force: bool, loaded: tuple | None = None) -> dict[int, np.ndarray]:
     """fold_test_moments as a unit of work, which on a cluster worker loads the test set itself."""
     if loaded is None:
-        cached = None if force else read_cache(model_dir(cfg) / f"fold{fold}" / "test_moments.pkl")
+        cached = None if force else read_cache(test_moments_path(cfg, fold))
         if cached is not None:
             return cached
-        configure_threads(cfg.train.threads)
-        loaded = (load_test_data(cfg), unit_device(cfg.train.device))
+        device = unit_device(cfg.train)
+        loaded = (load_test_data(cfg), device)
     return fold_test_moments(cfg, fold, *loaded, force)
 
 
@@ -237,20 +236,18 @@ def predict_test(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     """Average every fold's model.pt (its best checkpoint, or the average of its best ones) over the
     test set; write and check the submission."""
     paths, tc = Paths(cfg), cfg.train
-    configure_threads(tc.threads)
-    device = resolve_device(tc.device)
+    device = setup_device(tc)
     folder = model_dir(cfg)
     checkpoints = [final_model_path(folder / f"fold{f}") for f in range(tc.folds)]
     missing = [c for c in checkpoints if not c.exists()]
     if missing:
         raise InputError(missing[0], "not found: run stage 03 (train_folds) first")
-    test = read_prepared(cfg, "test")
-    data = load_rna_tensors(test, StructureStore(paths.structures, cfg.fold))
+    data = load_test_data(cfg)
     everything = np.arange(len(data))
     moments = map_units(test_moments_unit, [(cfg, fold, force) for fold in range(tc.folds)], {"loaded": (data, device)})
     fold_predictions = [{i: m[0] for i, m in fold.items()} for fold in moments]
     mean = [np.mean([p[i] for p in fold_predictions], axis=0) for i in everything]
     submission = paths.submissions / f"{cfg.model.name}.csv"
     write_csv(submission, predictions_frame(list(data.ids), mean, [len(s) for s in data.sequence]))
-    rows = check_submission(submission, test)
+    rows = check_submission(submission, read_prepared(cfg, "test"))
     return [submission], {"rows": rows, "folds_averaged": len(checkpoints)}

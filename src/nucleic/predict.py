@@ -86,8 +86,7 @@ def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFra
     data = load_rna_tensors(pd.DataFrame({"id": [name for name, _ in records], "sequence": sequences,
                                           "seq_scored": [len(s) for s in sequences]}), store)
     everything = np.arange(len(records))
-    per_model = [predict(model, data, everything, device, cfg.train.eval_batch_size, cfg.train.bf16,
-                         cfg.train.channels_last, desc=path.parent.name) for path, model in models]
+    per_model = [predict(model, data, everything, device, cfg.train, desc=path.parent.name) for path, model in models]
     mean = [np.mean([p[i] for p in per_model], axis=0) for i in everything]
     return predictions_frame(data.ids, mean, [len(s) for s in sequences])
 
@@ -167,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        from .engine import resolve_device
+        from .engine import setup_device
         from .features import SEQUENCE_TOKENS
         from .io_utils import write_csv
 
         cfg = load_config(args.preset, args.overrides)
-        device = resolve_device(cfg.train.device)
+        device = setup_device(cfg.train)
         path = Path(args.input)
         records = read_records(path)
         weights = [Path(w) for w in args.weights] if args.weights else default_weights(cfg, args.task)

@@ -21,14 +21,13 @@ from .engine import (
     Trainer,
     barrier,
     batch_share,
-    configure_threads,
     flat_then_cosine,
     is_main,
     make_optimizer,
     read_checkpoint,
-    resolve_device,
     save_checkpoint,
     seed_torch,
+    setup_device,
     to_device,
     world,
 )
@@ -36,7 +35,7 @@ from .features import LOOP_TOKENS, NULL_TOKEN, SEQUENCE_TOKENS, STRUCTURE_TOKENS
 from .io_utils import read_pickle, write_json
 from .models.nucleic_transformer import NucleicTransformer
 from .stage import InputError, artifact_meta, claim_work_dir
-from .structures import StructureStore, pair_rows
+from .structures import StructureStore
 from .train import build_model
 
 STREAMS = (("sequence", SEQUENCE_TOKENS), ("structure", STRUCTURE_TOKENS), ("loop", LOOP_TOKENS))
@@ -112,8 +111,7 @@ def run_pretraining(cfg: Config, force: bool = False) -> tuple[list[Path], dict]
     paths, pc = Paths(cfg), cfg.pretrain
     if not pc.enabled:
         return [], {"skipped": "pretrain.enabled is false"}
-    configure_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = setup_device(cfg.train)
     sequences = pretraining_sequences(cfg)
     store = StructureStore(paths.structures, cfg.fold)
     work_dir = pretrain_checkpoint(cfg).parent / cfg.model.name
@@ -123,9 +121,10 @@ def run_pretraining(cfg: Config, force: bool = False) -> tuple[list[Path], dict]
     if is_main():  # under torchrun, rank 0 folds, claims and writes the pair file; the others wait for it
         store.fold_all(sequences, meta={"stage": "02_pretrain"}, n_jobs=cfg.fold.n_jobs)  # random ones, if any
         claim_work_dir(work_dir, pretrain_settings(cfg), force)
-        pair_rows(store, sequences, pairs)
+        data = load_rna_tensors(frame, store, pairs_folder=pairs)
     barrier()
-    data = load_rna_tensors(frame, store, pairs_folder=pairs)
+    if not is_main():
+        data = load_rna_tensors(frame, store, pairs_folder=pairs)
     history = pretrain_loop(cfg, data, work_dir, device)
     output = pretrain_checkpoint(cfg)
     summary = {"sequences": len(sequences), "final_loss": round(history[-1]["train_loss"], 4),

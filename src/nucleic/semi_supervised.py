@@ -20,7 +20,7 @@ import numpy as np
 from .cluster import current_client, map_units, unit_device
 from .config import Config, Paths, with_settings
 from .dataset import RNATensors
-from .engine import configure_threads, resolve_device
+from .engine import setup_device
 from .io_utils import read_pickle, write_csv, write_json, write_pickle
 from .openvaccine import (
     _claim_model_dir,
@@ -111,8 +111,7 @@ def pseudo_label(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
         ensure_stage(model_cfg, model_stage(cfg, model_cfg, "03_train_folds"), train_key, train_folds)
     if cfg.train.only_folds is not None:
         return partial_run(cfg, selected_folds(cfg))
-    configure_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = setup_device(cfg.train)
     test = load_test_data(cfg)
     per_fold = pseudo_labels_of_folds(cfg, list(range(cfg.train.folds)), test, device, force)
     for fold, labels in enumerate(per_fold):
@@ -221,9 +220,9 @@ def semi_fold_unit(cfg: Config, semi: Config, fold: int, loaded: tuple | None = 
         finished = finished_fold(model_dir(semi) / f"fold{fold}")
         if finished is not None:
             return finished
-        configure_threads(cfg.train.threads)
+        device = unit_device(cfg.train)
         _, data, folds = load_training_data(cfg)
-        loaded = (data, load_test_data(cfg), folds, unit_device(cfg.train.device))
+        loaded = (data, load_test_data(cfg), folds, device)
     data, test, folds, device = loaded
     return semi_supervised_fold(cfg, semi, fold, data, test, folds, device)
 
@@ -236,8 +235,7 @@ def semi_supervised(cfg: Config, force: bool = False) -> tuple[list[Path], dict]
     if missing:
         raise InputError(missing[0], "not found: run stage 04 (pseudo_label) first")
     start = time.time()
-    configure_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = setup_device(cfg.train)
     frame, data, folds = load_training_data(cfg)
     test = load_test_data(cfg)
     semi = semi_model(cfg)

@@ -120,16 +120,18 @@ class StructureStore:
                 del entry["bpp"]
         return out
 
-    def write_pair_file(self, sequences: list[str], path: Path) -> None:
+    def write_pair_file(self, sequences: list[str], path: Path) -> dict[str, dict]:
         """Every sequence's (n_slots, L, L) float16 matrices, one after another in `sequences` order, into
         one flat file (read back per sample: PairRow), written a bucket of shards at a time so that memory
-        stays that of one bucket."""
+        stays that of one bucket. Returns the rest of what it read, as load(with_bpp=False) would, so the
+        shards are read once."""
         from .io_utils import atomic_path
 
         offsets = pair_offsets(sequences, len(self.slots))
         by_bucket: dict[int, list[int]] = {}
         for row, sequence in enumerate(sequences):
             by_bucket.setdefault(self.bucket(sequence_key(sequence)), []).append(row)
+        records: dict[str, dict] = {}
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.truncate(int(offsets[-1]))
             for rows in tqdm(by_bucket.values(), desc="pair file", unit="bucket", leave=False):
@@ -137,6 +139,10 @@ class StructureStore:
                 for r in rows:
                     f.seek(int(offsets[r]))
                     f.write(np.ascontiguousarray(found[sequence_key(sequences[r])]["bpp"], dtype=np.float16).tobytes())
+                for entry in found.values():
+                    del entry["bpp"]
+                records.update(found)
+        return records
 
     def fold_unit(self, slot: Slot, bucket: int, todo: dict[str, str], meta: dict) -> tuple[str, int, float]:
         """Fold the missing sequences of one shard and write it back merged. Runs in a worker."""
@@ -198,17 +204,19 @@ class PairRow:
         return matrix.reshape(self.length, self.length)
 
 
-def pair_rows(store: StructureStore, sequences: list[str], folder: Path) -> list[PairRow]:
+def pair_rows(store: StructureStore, sequences: list[str], folder: Path) -> tuple[list[PairRow], dict[str, dict] | None]:
     """The matrices of `sequences` as PairRows of one pair file in `folder`, written when missing (named by
-    the sequences and the folding settings; files of other sequences are removed)."""
+    the sequences and the folding settings; files of other sequences are removed), and the structures read
+    while writing it (None when the file was there already)."""
     digest = hashlib.sha1(json.dumps([sequences, store.fold_cfg], sort_keys=True, default=str).encode()).hexdigest()
     path = Path(folder) / f"{digest[:16]}.f16"
     offsets = pair_offsets(sequences, len(store.slots))
+    records = None
     if not path.exists() or path.stat().st_size != offsets[-1]:
         for other in Path(folder).glob("*.f16"):
             other.unlink()
-        store.write_pair_file(sequences, path)
-    return [PairRow(str(path), int(offsets[i]), len(store.slots), len(s)) for i, s in enumerate(sequences)]
+        records = store.write_pair_file(sequences, path)
+    return [PairRow(str(path), int(offsets[i]), len(store.slots), len(s)) for i, s in enumerate(sequences)], records
 
 
 # ---------------------------------------------------------------- stage 01

@@ -32,17 +32,18 @@ def build_model(model_cfg) -> NucleicTransformer:
 
 
 @torch.inference_mode()
-def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, device: torch.device,
-            batch_size: int, bf16: bool = False, channels_last: bool = False, desc: str = "predict",
-            slots: list[int] | None = None, moments: bool = False) -> dict[int, np.ndarray]:
-    """{index: (L, 5) prediction averaged over the structure predictions} (paper 2.3.4).
+def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, device: torch.device, tc,
+            desc: str = "predict", slots: list[int] | None = None, moments: bool = False) -> dict[int, np.ndarray]:
+    """{index: (L, 5) prediction averaged over the structure predictions} (paper 2.3.4), in the
+    inference settings of train config `tc` (eval_batch_size, bf16, channels_last).
 
     slots: which structure predictions to average (default: all). moments: return (2, L, 5) per
     index instead, the mean and the standard deviation across those structure predictions.
     """
     model.eval()
+    bf16, channels_last = tc.bf16, tc.channels_last
     slots = list(range(data.n_slots)) if slots is None else list(slots)
-    per_batch = max(1, batch_size // len(slots))
+    per_batch = max(1, tc.eval_batch_size // len(slots))
     out = {}
     for batch in tqdm(length_batches(data.lengths, np.asarray(indices), per_batch), desc=desc, leave=False):
         repeated = np.repeat(batch, len(slots))
@@ -120,8 +121,8 @@ def train_fold(cfg, data: RNATensors, fold: int, train_idx: np.ndarray, val_idx:
     val_slots = validation_slots(tc, data.n_slots)
 
     def validate(desc: str) -> dict:
-        return score_rows(data, predict(model, data, scored_val, device, tc.eval_batch_size, tc.bf16,
-                                        tc.channels_last, desc=desc, slots=val_slots), scored_val)
+        return score_rows(data, predict(model, data, scored_val, device, tc, desc=desc, slots=val_slots),
+                          scored_val)
 
     def epoch_batches(rng):
         rows = epoch_rows(train_idx, sampled, rng)
@@ -146,7 +147,7 @@ def train_fold(cfg, data: RNATensors, fold: int, train_idx: np.ndarray, val_idx:
     save_checkpoint(final_model_path(fold_dir), {"model": weights, "averaged_epochs": record["averaged_epochs"],
                                                  "best_epoch": state["best_epoch"]})
     model.load_state_dict(weights)
-    oof = predict(model, data, val_idx, device, tc.eval_batch_size, tc.bf16, tc.channels_last, desc="oof")
+    oof = predict(model, data, val_idx, device, tc, desc="oof")
     result = {"fold": fold, "history": state["history"], **record, "val_idx": val_idx,
               "oof": {i: oof[i] for i in val_idx.tolist()}}
     write_pickle(fold_dir / "result.pkl", result)
