@@ -22,12 +22,10 @@ import time
 import numpy as np
 
 from nucleic.config import Paths, load_config, with_settings
-from nucleic.dataset import load_rna_tensors
 from nucleic.engine import setup_device
 from nucleic.io_utils import read_pickle, write_json, write_pickle
-from nucleic.openvaccine import _claim_model_dir, load_training_data, model_dir, read_prepared
+from nucleic.openvaccine import _claim_model_dir, load_test_data, load_training_data, model_dir
 from nucleic.semi_supervised import fold_pseudo_labels, pseudo_label_path, semi_model, semi_stamp, semi_supervised_fold
-from nucleic.structures import StructureStore
 from nucleic.train import score_rows
 
 VARIANTS = {
@@ -52,7 +50,7 @@ def main() -> None:
     cfg = load_config(args.preset, overrides=["semi.start=supervised", *args.set])
     device = setup_device(cfg.train)
     frame, data, folds = load_training_data(cfg)
-    test = load_rna_tensors(read_prepared(cfg, "test"), StructureStore(Paths(cfg).structures, cfg.fold))
+    test = load_test_data(cfg)
 
     supervised = read_pickle(model_dir(cfg) / f"fold{args.fold}" / "result.pkl")
     rows = [{"variant": "stage 03", "fold": args.fold, **fold_score(data, supervised["oof"], supervised["val_idx"])}]

@@ -6,6 +6,7 @@ attention, feed-forward, optimizer, data collation) in a training step and in an
 
     python benchmarks/train_benchmark.py                 # all variants (about 10 min on 2 AVX2 cores)
     python benchmarks/train_benchmark.py --quick         # plain fp32 and the preset's variant only
+    python benchmarks/train_benchmark.py --device cuda   # on a GPU: fp32, bf16, channels_last, torch.compile
 
 Synthetic inputs (speed does not depend on values). Inference counts a sequence as 12 forward
 passes, as stage 03/06 average over the 12 structure predictions. Prints figures; asserts nothing.
@@ -23,24 +24,33 @@ from nucleic.losses import error_weighted_mse
 from nucleic.train import build_model
 
 N_STRUCTURES = 12
+CPU = torch.device("cpu")
 
 
-def inputs(batch: int, length: int, channels_last: bool):
-    pair = torch.rand(batch, 4, length, length)
+def inputs(batch: int, length: int, channels_last: bool, device=CPU):
+    pair = torch.rand(batch, 4, length, length, device=device)
     if channels_last:
         pair = pair.contiguous(memory_format=torch.channels_last)
-    return dict(sequence=torch.randint(1, 5, (batch, length)), structure=torch.randint(1, 4, (batch, length)),
-                loop=torch.randint(1, 8, (batch, length)), pair_features=pair)
+    return dict(sequence=torch.randint(1, 5, (batch, length), device=device),
+                structure=torch.randint(1, 4, (batch, length), device=device),
+                loop=torch.randint(1, 8, (batch, length), device=device), pair_features=pair)
 
 
-def train_rate(model, cfg, batch, length, bf16, channels_last, steps) -> float:
+def clock(device=CPU) -> float:
+    """perf_counter once the device's queued work is done (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def train_rate(model, cfg, batch, length, bf16, channels_last, steps, device=CPU) -> float:
     optimizer = make_optimizer(model, cfg.train)
-    x = inputs(batch, length, channels_last)
-    target, errors = torch.rand(batch, 68, 5), torch.rand(batch, 68, 5) * 0.2
+    x = inputs(batch, length, channels_last, device)
+    target, errors = torch.rand(batch, 68, 5, device=device), torch.rand(batch, 68, 5, device=device) * 0.2
     model.train()
 
     def step():
-        with autocast(torch.device("cpu"), bf16):
+        with autocast(device, bf16):
             pred = model(**x)[:, :68].float()
         loss = error_weighted_mse(pred, target, errors)
         optimizer.zero_grad()
@@ -48,22 +58,22 @@ def train_rate(model, cfg, batch, length, bf16, channels_last, steps) -> float:
         optimizer.step()
 
     step()  # warm-up (and compilation)
-    start = time.perf_counter()
+    start = clock(device)
     for _ in range(steps):
         step()
-    return steps * batch / (time.perf_counter() - start)
+    return steps * batch / (clock(device) - start)
 
 
 @torch.inference_mode()
-def inference_rate(model, length, bf16, channels_last, steps, sequences_per_step=8) -> float:
+def inference_rate(model, length, bf16, channels_last, steps, sequences_per_step=8, device=CPU) -> float:
     model.eval()
-    x = inputs(sequences_per_step * N_STRUCTURES, length, channels_last)
-    with autocast(torch.device("cpu"), bf16):
+    x = inputs(sequences_per_step * N_STRUCTURES, length, channels_last, device)
+    with autocast(device, bf16):
         model(**x)
-        start = time.perf_counter()
+        start = clock(device)
         for _ in range(steps):
             model(**x)
-    return steps * sequences_per_step / (time.perf_counter() - start)
+    return steps * sequences_per_step / (clock(device) - start)
 
 
 def int8_linear_layers(model):
@@ -133,7 +143,7 @@ def collate_ms(batch: int, length: int, channels_last: bool, repeats: int) -> fl
     for _ in range(repeats):
         indices, slots = rng.choice(n, batch, replace=False), rng.integers(0, N_STRUCTURES, batch)
         start = time.perf_counter()
-        collate(data, indices, slots, torch.device("cpu"), with_labels=True, channels_last=channels_last)
+        collate(data, indices, slots, CPU, with_labels=True, channels_last=channels_last)
         times.append(time.perf_counter() - start)
     return 1e3 * sorted(times)[len(times) // 2]
 
@@ -146,7 +156,7 @@ def profile_split(cfg, batch: int, length: int, bf16: bool, channels_last: bool,
     optimizer = make_optimizer(model, cfg.train)
     x = inputs(batch, length, channels_last)
     split = {}
-    with autocast(torch.device("cpu"), bf16):
+    with autocast(CPU, bf16):
         calls = captured_calls(model, x)
         for name, modules in COMPONENTS.items():
             split[name] = component_ms(modules(model), calls, repeats)
@@ -168,7 +178,7 @@ def inference_split(cfg, length: int, bf16: bool, channels_last: bool, repeats: 
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     x = inputs(sequences * N_STRUCTURES, length, channels_last)
-    with autocast(torch.device("cpu"), bf16):
+    with autocast(CPU, bf16):
         calls = captured_calls(model, x, requires_grad=False)
         split = {name: component_ms(modules(model), calls, repeats, backward=False)
                  for name, modules in COMPONENTS.items()}
@@ -185,16 +195,43 @@ def print_split(title: str, split: dict[str, float]) -> None:
     print(f"    {'(sum of parts)':20s} {sum(v for k, v in split.items() if k != whole):8.1f}")
 
 
+def variants_for(preset: str, cfg, device, args) -> list[tuple]:
+    """(name, threads, bf16, channels_last, torch.compile, int8 linear layers) to time; the second is the
+    variant the preset itself trains and predicts with."""
+    threads = torch.get_num_threads()
+    preset_bf16 = use_bf16(device, cfg.train.bf16)
+    variants = [("plain fp32", threads, False, False, False, False),
+                (f"PRESET'S: bf16 {preset_bf16}, CL {cfg.train.channels_last}", threads, preset_bf16,
+                 cfg.train.channels_last, False, False)]
+    if args.quick:
+        return variants
+    if device.type == "cuda":
+        return variants + [("bf16 autocast", threads, True, False, False, False),
+                           ("bf16 + channels_last", threads, True, True, False, False),
+                           ("torch.compile + bf16", threads, True, False, True, False)]
+    variants += [("1 thread", 1, False, False, False, False),
+                 ("channels_last pair path", threads, False, True, False, False),
+                 ("int8 linear + CL", threads, False, True, False, True),
+                 ("torch.compile", threads, False, False, True, False),
+                 ("torch.compile + CL", threads, False, True, True, False)]
+    if native_bf16(device) or args.emulated_bf16:
+        variants.insert(-3, ("bf16 autocast", threads, True, False, False, False))
+    elif preset == "cpu":
+        print("  (bf16 autocast skipped: emulated on this CPU, 10-20x slower than fp32; --emulated-bf16 runs it)")
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--emulated-bf16", action="store_true", help="also time bf16 where the CPU only emulates it")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (and inference batches) per variant")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the parts' profile is timed on the CPU only)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     max_threads = torch.get_num_threads()
-    cpu = torch.device("cpu")
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16(cpu)}, "
-          f"{max_threads} threads")
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16(CPU)}, "
+          f"{max_threads} threads" + (f"; timing on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     for preset in ("cpu", "paper"):
         cfg = load_config(preset)
         batch = cfg.train.batch_size
@@ -202,33 +239,21 @@ def main() -> None:
         print(f"\n[{preset}] nlayer={cfg.model.nlayer} d_model={cfg.model.d_model} nhead={cfg.model.nhead} "
               f"ff={cfg.model.dim_ff} pair_channels={cfg.model.pair_channels} ({params:.2f} M parameters), "
               f"batch {batch}, eval batch {cfg.train.eval_batch_size}")
-        preset_bf16 = use_bf16(cpu, cfg.train.bf16)
-        per_batch = max(1, cfg.train.eval_batch_size // N_STRUCTURES)  # sequences per inference batch
-        # name, threads, bf16, channels_last, torch.compile, int8 linear layers (inference only)
-        variants = [("plain fp32", max_threads, False, False, False, False),
-                    (f"PRESET'S: bf16 {preset_bf16}, CL {cfg.train.channels_last}", max_threads, preset_bf16,
-                     cfg.train.channels_last, False, False)]
-        if not args.quick:
-            variants += [("1 thread", 1, False, False, False, False),
-                         ("channels_last pair path", max_threads, False, True, False, False),
-                         ("int8 linear + CL", max_threads, False, True, False, True),
-                         ("torch.compile", max_threads, False, False, True, False),
-                         ("torch.compile + CL", max_threads, False, True, True, False)]
-            if native_bf16(cpu) or args.emulated_bf16:
-                variants.insert(-3, ("bf16 autocast", max_threads, True, False, False, False))
-            else:
-                print("  (bf16 autocast skipped: emulated on this CPU, 10-20x slower than fp32; --emulated-bf16 runs it)")
-        for name, threads, bf16, channels_last, compiled, int8 in variants:
+        # sequences per inference batch; on a GPU 384 forward passes, as base.yaml advises
+        eval_batch = 384 if device.type == "cuda" else cfg.train.eval_batch_size
+        per_batch = max(1, eval_batch // N_STRUCTURES)
+        for name, threads, bf16, channels_last, compiled, int8 in variants_for(preset, cfg, device, args):
             torch.set_num_threads(threads)
             torch.manual_seed(0)
-            model = build_model(cfg.model)
+            model = build_model(cfg.model).to(device)
             if compiled:
                 model = torch.compile(model)
             try:
-                train = None if int8 else train_rate(model, cfg, batch, 107, bf16, channels_last, args.steps)
+                train = None if int8 else train_rate(model, cfg, batch, 107, bf16, channels_last, args.steps, device)
                 if int8:
                     model = int8_linear_layers(model)
-                infer = {n: inference_rate(model, n, bf16, channels_last, args.steps, per_batch) for n in (107, 130)}
+                infer = {n: inference_rate(model, n, bf16, channels_last, args.steps, per_batch, device)
+                         for n in (107, 130)}
             except Exception as err:  # a variant that does not run here is a finding too
                 print(f"  {name:26s} failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
                 continue
@@ -236,11 +261,13 @@ def main() -> None:
             print(f"  {name:26s} train {trained} | inference {infer[107]:6.1f} seq/s (L=107), "
                   f"{infer[130]:6.1f} seq/s (L=130), x{N_STRUCTURES} structures")
         torch.set_num_threads(max_threads)
+        if device.type != "cpu":
+            continue
+        preset_bf16 = use_bf16(device, cfg.train.bf16)
         print_split("one training step of the preset's variant, forward + backward per part",
                     profile_split(cfg, batch, 107, preset_bf16, cfg.train.channels_last))
         print_split(f"one inference batch of the preset's variant, {per_batch} sequences x {N_STRUCTURES} structures",
                     inference_split(cfg, 107, preset_bf16, cfg.train.channels_last, sequences=per_batch))
-
 
 if __name__ == "__main__":
     main()

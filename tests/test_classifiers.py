@@ -12,6 +12,7 @@ from conftest import isolated, load_kernel
 
 from nucleic.classify import balanced_pos_weight, encode_sequences, epoch_indices, kmer_frequencies, mutate
 from nucleic.dna_tasks import (
+    attention_motifs,
     box_frequencies,
     choose_blend,
     closest_box,
@@ -213,6 +214,23 @@ def test_attended_kmers_are_matched_to_the_known_boxes():
     boxes = box_frequencies(sequences, np.array([1, 0, 1])).set_index(["box", "mismatches"])
     assert boxes.loc[("TATAAT", 0), "promoters"] == 1.0 and boxes.loc[("TATAAT", 0), "non_promoters"] == 0.0
     assert boxes.loc[("TTGACA", 0), "promoters"] == 0.5
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_motifs_count_top_kmers_of_correct_positives_on_the_models_device(device):
+    from nucleic.classify import build_classifier
+
+    torch.manual_seed(0)
+    sequences = pd.Series(["ACGTTGACAACGTATAATGG", "TTTTTTTTTTTTTTTTTTTT", "GGGGCCCCAAAATTTTGGGG", "ACACACACACACACACACAC"])
+    model = build_classifier("nt", {"k": 5, "nlayer": 1, "d_model": 16, "nhead": 2, "dim_ff": 32}, 20).to(device).eval()
+    labels, probs = np.array([1, 1, 0, 1]), np.array([0.9, 0.8, 0.9, 0.2])  # rows 0 and 1: correct positives
+    counts = attention_motifs(model, encode_sequences(list(sequences)), labels, probs, sequences, torch.device(device),
+                              top=2)
+    assert sum(counts.values()) == 4 and counts["TTTTT"] == 2
+    assert all(len(kmer) == 5 and kmer in sequences[0] for kmer in counts if kmer != "TTTTT")
 
 
 def test_cached_fold_results_are_reused_only_under_the_same_settings(tmp_path):

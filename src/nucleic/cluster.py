@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .engine import configure_threads, resolve_device
+from .engine import setup_device
 
 _client = None  # the open session's dask Client (None: units run in this process)
 
@@ -80,8 +80,7 @@ def unit_device(tc) -> torch.device:
     """What a unit of work that loads its own data sets up first: torch's threads from train.threads, and
     train.device, with `cuda` pinned to this LocalCluster worker's own GPU (workers are named 0..n-1).
     Workers started by hand see one GPU each (CUDA_VISIBLE_DEVICES)."""
-    configure_threads(tc.threads)
-    device = resolve_device(tc.device)
+    device = setup_device(tc)
     if device.type != "cuda" or device.index is not None:
         return device
     try:

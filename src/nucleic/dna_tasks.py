@@ -56,8 +56,8 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
                                             select_best=True, pairs=_take(pairs, fit_idx),
                                             val_pairs=_take(pairs, watch_idx))
             probs = predict_proba(model, tokens[val_idx], device, 256, _take(pairs, val_idx))
-            found = (attention_motifs(model, tokens[val_idx], labels[val_idx], probs, frame.sequence.iloc[val_idx])
-                     if kind == "nt" else {})
+            found = (attention_motifs(model, tokens[val_idx], labels[val_idx], probs, frame.sequence.iloc[val_idx],
+                                      device) if kind == "nt" else {})
             save_classifier(cache.with_suffix(weights_suffix(kind)), kind, model_settings(task_cfg, kind), tokens.shape[1], model)
             result = {"probs": probs, "history": history, "motifs": dict(found)}
             write_pickle(cache, result)
@@ -84,7 +84,7 @@ def _take(pairs: torch.Tensor | None, rows) -> torch.Tensor | None:
 
 @torch.no_grad()
 def attention_motifs(model, tokens: torch.Tensor, labels: np.ndarray, probs: np.ndarray,
-                     sequences: pd.Series, top: int = 3) -> collections.Counter:
+                     sequences: pd.Series, device: torch.device, top: int = 3) -> collections.Counter:
     """For correctly predicted positives, count the k-mers among the `top` most attended (column sums of
     the last attention map, over heads and queries), as paper Fig. 9."""
     chosen = np.flatnonzero((labels == 1) & (probs >= 0.5))
@@ -92,7 +92,7 @@ def attention_motifs(model, tokens: torch.Tensor, labels: np.ndarray, probs: np.
     for batch in np.array_split(chosen, max(1, len(chosen) // 64)):
         if not len(batch):
             continue
-        attention = model.attention_maps(tokens[batch])[-1].sum(dim=(1, 2))  # (B, L-k+1)
+        attention = model.attention_maps(tokens[batch].to(device))[-1].sum(dim=(1, 2)).cpu()  # (B, L-k+1)
         for row, index in enumerate(batch):
             sequence = sequences.iloc[index]
             for position in attention[row].topk(top).indices.tolist():
