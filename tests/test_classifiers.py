@@ -200,7 +200,8 @@ def test_smoke_mirna_stage_reports_paper_protocol_and_cv(prepared_inputs):
         assert set(row["cv"]) == {"sensitivity", "specificity", "f1", "mcc", "accuracy"}
     from nucleic.dna_data import read_mirna
 
-    assert metrics["n_sequences"] == len(read_mirna(workspace / "input" / "mirna"))  # 1124 in the real bundle
+    rows = read_mirna(workspace / "input" / "mirna")  # 1124 in the real bundle; the smoke preset takes 400
+    assert metrics["n_sequences"] == min(400, len(rows))
     for kind in ("nt", "nt_bpp", "cnn", "danq"):
         assert (workspace / "figures" / f"mirna_learning_curves_{kind}.png").exists()
     assert (workspace / "figures" / "mirna_roc_pr.png").stat().st_size > 10_000
