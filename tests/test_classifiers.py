@@ -189,19 +189,37 @@ def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepare
 
 
 @pytest.mark.slow
-def test_smoke_mirna_stage_reports_paper_protocol_and_cv(prepared_inputs):
+def test_smoke_mirna_stage_reports_paper_protocol_and_cv_and_serves_the_chosen_blend(prepared_inputs, tmp_path):
     workspace, args = prepared_inputs
     assert load_kernel("12_mirna").main(args) == 0
     metrics = json.loads((workspace / "oof" / "mirna_metrics.json").read_text())
     assert set(metrics["models"]) == {"nt", "nt_bpp", "cnn", "danq"}
-    best = metrics["models"][metrics["best_model"]]["paper_protocol"]
-    assert metrics["mcc"] == best["mcc"] == max(m["paper_protocol"]["mcc"] for m in metrics["models"].values())
-    for row in metrics["models"].values():
+    for row in [*metrics["models"].values(), metrics["served"]]:
         assert set(row["cv"]) == {"sensitivity", "specificity", "f1", "mcc", "accuracy"}
     from nucleic.dna_data import read_mirna
+    from nucleic.dna_tasks import stratified_split, stratified_subset
+    from nucleic.io_utils import read_cache
+    from nucleic.metrics import binary_classification_metrics
 
     rows = read_mirna(workspace / "input" / "mirna")  # 1124 in the real bundle; the smoke preset takes 400
     assert metrics["n_sequences"] == min(400, len(rows))
+    served, work = metrics["served"]["models"], workspace / "work" / "smoke" / "mirna"
+    assert served and set(served) <= set(metrics["models"])
+    frame = stratified_subset(rows, 400, 2020)
+    labels = frame.label.to_numpy()
+    _, test_idx = stratified_split(np.arange(len(frame)), labels, 0.3, 2020)
+    served_probs = np.mean([read_cache(work / f"paper_{k}.pkl")["probs"] for k in served], axis=0)
+    assert metrics["mcc"] == metrics["served"]["paper_protocol"]["mcc"] == pytest.approx(
+        binary_classification_metrics(labels[test_idx], served_probs)["mcc"])
+    source = tmp_path / "hairpins.fa"
+    source.write_text("".join(f">h{i}\n{s}\n" for i, s in enumerate(frame.sequence.iloc[test_idx[:6]])))
+    default, given = tmp_path / "default.csv", tmp_path / "given.csv"
+    assert predict_main(["mirna", "--input", str(source), "--output", str(default), *args[:2], *args[4:]]) == 0
+    assert predict_main(["mirna", "--input", str(source), "--output", str(given), *args[:2], *args[4:],
+                         "--weights", *metrics["served"]["weights"]]) == 0
+    predicted = pd.read_csv(default)
+    pd.testing.assert_frame_equal(predicted, pd.read_csv(given))
+    np.testing.assert_allclose(predicted.probability, served_probs[:6], atol=1e-4)
     for kind in ("nt", "nt_bpp", "cnn", "danq"):
         assert (workspace / "figures" / f"mirna_learning_curves_{kind}.png").exists()
     assert (workspace / "figures" / "mirna_roc_pr.png").stat().st_size > 10_000

@@ -148,8 +148,9 @@ def default_weights(cfg, task: str) -> list[Path]:
         stage = "11_viral"
     else:
         metrics = Paths(cfg).oof / "mirna_metrics.json"
-        best = json.loads(metrics.read_text())["best_model"] if metrics.exists() else cfg.mirna.models[0]
-        found = sorted((run / "mirna").glob(f"paper_{best}.pt"))
+        served = json.loads(metrics.read_text())["served"]["models"] if metrics.exists() else []
+        found = [run / "mirna" / f"paper_{kind}.pt" for kind in served]
+        found = found if found and all(path.exists() for path in found) else []
         stage = "12_mirna"
     if not found:
         raise InputError(run, f"no trained weights for {task}: run stage {stage} (preset {cfg.preset}) or pass --weights")
