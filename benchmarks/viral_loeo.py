@@ -13,8 +13,11 @@ Uses stage 11's training code and caches (work/<preset>/viral_loeo/<name>, resum
 where it stopped). Prints per-experiment and mean AUC-ROC / PR-AUC per model, plus the AUC of all
 held-out predictions pooled, and writes them with each fit's minutes to oof/viral_loeo[_<name>].json. An
 experiment without a viral contig has no AUC; it still counts in the pooled figure. "served" is stage
-11's rule applied inside each split: the model or mean of models with the best validation AUC (the
-validation rows come from the training experiments only), scored on the held-out experiment.
+11's rule applied inside each split: the model or mean of models with the best validation AUC, computed
+within each training experiment and averaged (the validation rows come from the training experiments
+only), scored on the held-out experiment.
+"fixed_blends": every mean of two or more models, the same for every experiment, with its mean AUC
+(read after the fact: a ceiling, not a rule's score).
 """
 import argparse
 import time
@@ -61,7 +64,7 @@ def main() -> None:
             pooled[kind][test_idx], rows[f"{experiment}/{kind}"] = result["probs"], row
             print(f"{experiment:22s} {kind:9s} n={len(test_idx):6d} viral={viral:4d} "
                   f"AUC {_show(row['auc'])} PR-AUC {_show(row['pr_auc'])} ({row['minutes']} min)", flush=True)
-        served, _ = choose_blend(labels[val_idx], val_probs)
+        served, _ = choose_blend(labels[val_idx], val_probs, groups[val_idx])
         probs = np.mean([pooled[kind][test_idx] for kind in served], axis=0)
         pooled["served"][test_idx], rows[f"{experiment}/served"] = probs, _row(labels[test_idx], probs, 0.0)
         rows[f"{experiment}/served"]["models"] = list(served)
@@ -81,6 +84,7 @@ def main() -> None:
         print(f"{kind:9s} mean over {len(mine)} experiments: AUC {summary[kind]['mean_auc']:.4f} "
               f"PR-AUC {summary[kind]['mean_pr_auc']:.4f}; pooled AUC {everything['auc']:.4f} "
               f"PR-AUC {everything['pr_auc']:.4f}")
+    blends = fixed_blends(models, pooled, labels, groups)
     suffix = "" if args.name == "default" else f"_{args.name}"
     figure = Paths(cfg).figures / f"viral_loeo{suffix}.png"
     by_experiment = {key.split("/")[0]: {} for key in rows}
@@ -91,7 +95,27 @@ def main() -> None:
     plot_grouped_scores(figure, "viral contigs, leave one experiment out (blank: no viral contig)", by_experiment,
                         "AUC-ROC on the held-out experiment", reference=0.85)
     write_json(Paths(cfg).oof / f"viral_loeo{suffix}.json", {"results": rows, "summary": summary, "models": models,
-                                                             "settings": args.set, **artifact_meta(cfg)})
+                                                             "fixed_blends": blends, "settings": args.set,
+                                                             **artifact_meta(cfg)})
+
+
+def fixed_blends(models: list[str], pooled: dict, labels: np.ndarray, groups: np.ndarray) -> dict:
+    """Every mean of two or more models, the same one for every held-out experiment: its mean AUC over the
+    experiments with a viral contig. Read after the fact, so the best row is chosen on the held-out
+    experiments themselves: a ceiling for a fixed blend, not a rule's score."""
+    import itertools
+
+    scored = [np.flatnonzero(groups == e) for e in sorted(set(groups))]
+    scored = [rows for rows in scored if labels[rows].sum()]
+    table = {}
+    for size in range(2, len(models) + 1):
+        for blend in itertools.combinations(models, size):
+            probs = np.mean([pooled[kind] for kind in blend], axis=0)
+            aucs = [binary_classification_metrics(labels[rows], probs[rows])["auc"] for rows in scored]
+            table[" + ".join(blend)] = float(np.mean(aucs))
+    for name, auc in sorted(table.items(), key=lambda item: -item[1]):
+        print(f"fixed blend {name:30s} mean AUC over {len(scored)} experiments {auc:.4f}")
+    return table
 
 
 def _row(labels: np.ndarray, probs: np.ndarray, minutes: float) -> dict:

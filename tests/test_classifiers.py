@@ -17,6 +17,7 @@ from nucleic.dna_tasks import (
     choose_blend,
     closest_box,
     fit_random_forest,
+    grouped_auc,
     random_forest_proba,
     save_random_forest,
 )
@@ -295,6 +296,21 @@ def test_the_blend_is_chosen_on_validation_auc_and_prefers_fewer_models():
     assert choose_blend(labels, {"a": signal, "copy": signal.copy()})[0] == ("a",)
 
 
+def test_with_groups_the_blend_is_chosen_for_ranking_inside_each_group_not_for_telling_groups_apart():
+    rng = np.random.default_rng(0)
+    groups = np.r_[np.zeros(200), np.ones(800)]  # two sequencing runs, 50 % and 3 % positives
+    labels = np.r_[rng.random(200) < 0.5, rng.random(800) < 0.03].astype(float)
+    which_run = -groups  # names the run (high pooled AUC), ranks nothing inside one
+    ranks = labels + rng.normal(0, 1.5, 1000)
+    candidates = {"which_run": which_run, "ranks": ranks}
+    assert grouped_auc(labels, which_run) > grouped_auc(labels, ranks)
+    assert grouped_auc(labels, which_run, groups) == 0.5
+    assert choose_blend(labels, candidates)[0] == ("which_run",)
+    assert choose_blend(labels, candidates, groups)[0] == ("ranks",)  # the mean ranks the same inside a run: a tie
+    with pytest.raises(ValueError, match="no group holds both classes"):
+        grouped_auc(np.r_[np.ones(5), np.zeros(5)], ranks[:10], np.r_[np.zeros(5), np.ones(5)])
+
+
 def test_a_saved_random_forest_predicts_through_the_predict_command(tmp_path, capsys):
     from nucleic.config import load_config
 
@@ -357,4 +373,22 @@ def test_viral_leave_one_experiment_out_benchmark_scores_every_experiment(data_d
         if served["n_viral"]:
             assert 0 <= served["auc"] <= 1 and report["results"][f"{experiment}/rf"]["auc"] is not None
     assert set(report["summary"]) == {"viraminer", "rf", "served"}
+    assert list(report["fixed_blends"]) == ["viraminer + rf"] and 0 <= report["fixed_blends"]["viraminer + rf"] <= 1
     assert (tmp_path / "figures" / "viral_loeo.png").stat().st_size > 10_000
+
+
+def test_promoter_blend_benchmark_scores_every_model_and_mean_and_names_the_rules_choice(data_dir, tmp_path):
+    import sys
+
+    from conftest import run_script
+
+    proc = run_script([sys.executable, "benchmarks/promoter_blend.py", "--preset", "smoke", "--models", "cnn", "danq",
+                       "--set", "promoter.danq={filters: 8, kernel: 8, pool: 4, lstm: 8, dense: 16}",
+                       *isolated(tmp_path)], env={"NT_DATA_DIR": str(data_dir)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "oof" / "promoter_blend.json").read_text())
+    assert [row["models"] for row in report["rows"]] == [["cnn"], ["danq"], ["cnn", "danq"]]
+    best = max(row["validation_auc"] for row in report["rows"])
+    chosen = next(row for row in report["rows"] if row["models"] == report["rule_serves"])
+    assert chosen["validation_auc"] == best
+    assert all(0 <= row[m] <= 1 for row in report["rows"] for m in ("accuracy", "auc", "validation_auc"))

@@ -241,20 +241,34 @@ def save_random_forest(path: Path, forest, ks) -> None:
         joblib.dump({"kind": "rf", "ks": list(ks), "forest": forest}, tmp)
 
 
-def choose_blend(labels: np.ndarray, val_probs: dict[str, np.ndarray]) -> tuple[tuple[str, ...], float]:
+def choose_blend(labels: np.ndarray, val_probs: dict[str, np.ndarray],
+                 groups: np.ndarray | None = None) -> tuple[tuple[str, ...], float]:
     """Of every model alone and every mean of the probabilities of two or more, the one with the best
-    validation AUC (on a tie, fewer models): (its models, that AUC)."""
+    validation AUC (on a tie, fewer models): (its models, that AUC). With `groups` (viral: each row's
+    sequencing experiment), the AUC is computed within each group holding both classes and averaged,
+    so a blend is chosen for ranking contigs inside one run, which is what a new run needs, not for
+    telling runs apart."""
     import itertools
-
-    from sklearn.metrics import roc_auc_score
 
     best, best_auc = None, -1.0
     for size in range(1, len(val_probs) + 1):
         for models in itertools.combinations(val_probs, size):
-            auc = roc_auc_score(labels, np.mean([val_probs[m] for m in models], axis=0))
+            auc = grouped_auc(labels, np.mean([val_probs[m] for m in models], axis=0), groups)
             if auc > best_auc + 1e-12:
                 best, best_auc = models, float(auc)
     return best, best_auc
+
+
+def grouped_auc(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None) -> float:
+    """AUC-ROC of all rows, or with `groups` the mean of the AUCs within each group that holds both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    if groups is None:
+        return float(roc_auc_score(labels, probs))
+    both = [g for g in np.unique(groups) if 0 < labels[groups == g].sum() < (groups == g).sum()]
+    if not both:
+        raise ValueError("no group holds both classes: cannot score a blend within groups")
+    return float(np.mean([roc_auc_score(labels[groups == g], probs[groups == g]) for g in both]))
 
 
 def stratified_split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -277,8 +291,9 @@ def viral_key(cfg: Config) -> dict:
 def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     """(a) one whole experiment held out, train/validate on the others; (b) a stratified random split
     (viral.protocols). The served model: of every model and every mean of two or more, the one with the
-    best AUC on protocol (a)'s validation rows, retrained on every experiment (10 % kept apart for the
-    best epoch) and written to work/<preset>/viral/serve_<kind>.{pt,joblib} for the predict command.
+    best AUC on protocol (a)'s validation rows (within each training experiment, averaged), retrained on
+    every experiment (10 % kept apart for the best epoch) and written to
+    work/<preset>/viral/serve_<kind>.{pt,joblib} for the predict command.
     Class imbalance (~2 % viral): optionally undersampled negatives per epoch (viral.negatives_per_positive),
     positives weighted by negatives/positives in the BCE loss, balanced class weights in the random
     forest, and PR-AUC reported beside AUC-ROC."""
@@ -308,8 +323,9 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     work = claim_work_dir(paths.run / "viral", viral_key(cfg), force)
     results = {(p, kind): fit_and_score(cfg, vc, kind, frame, *idx, work / f"{p}_{kind}.pkl", device)
                for p, idx in protocols.items() for kind in vc.models}
-    served, served_val_auc = choose_blend(labels[protocols["experiment"][1]],
-                                          {k: results[("experiment", k)]["val_probs"] for k in vc.models})
+    val_idx = protocols["experiment"][1]
+    served, served_val_auc = choose_blend(labels[val_idx], {k: results[("experiment", k)]["val_probs"]
+                                                            for k in vc.models}, frame.group.to_numpy()[val_idx])
     for p, (_, _, test_idx) in protocols.items():
         probs = np.mean([results[(p, k)]["probs"] for k in served], axis=0)
         results[(p, "served")] = {"probs": probs, "history": [],

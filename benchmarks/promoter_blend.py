@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Does a blend pay on the promoter task? One fold of stage 10's split, each model trained as the stage
+trains it (10 % of the fold's training rows choose the best epoch), then every model and every mean of
+two or more scored on the held-out fold, beside its validation AUC (what the stage's rule would read).
+
+    python benchmarks/promoter_blend.py                     # cpu preset, fold 0, nt cnn danq
+    python benchmarks/promoter_blend.py --models nt danq --fold 2
+
+Models train in their own folders under work/<preset>/ablations (resumable); rows go to
+oof/promoter_blend.json.
+"""
+import argparse
+import itertools
+import time
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from nucleic.classify import encode_sequences, fit_classifier, model_settings, predict_proba
+from nucleic.config import Paths, load_config
+from nucleic.dna_data import read_promoter
+from nucleic.dna_tasks import stratified_split, stratified_subset, task_input, with_kind
+from nucleic.engine import setup_device
+from nucleic.io_utils import write_json
+from nucleic.metrics import binary_classification_metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--models", nargs="+", default=["nt", "cnn", "danq"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    cfg = load_config(args.preset, overrides=args.set)
+    pc = cfg.promoter
+    device = setup_device(cfg.train)
+    frame = stratified_subset(read_promoter(task_input(cfg, "promoter") / "v9d3.csv"), pc.max_rows, cfg.seed)
+    tokens, labels = encode_sequences(list(frame.sequence)), frame.label.to_numpy()
+    splitter = StratifiedKFold(pc.folds, shuffle=True, random_state=cfg.seed)
+    train_idx, test_idx = list(splitter.split(np.zeros(len(labels)), labels))[args.fold]
+    seed = cfg.seed + args.fold  # as stage 10's run_cv
+    fit_idx, val_idx = stratified_split(train_idx, labels, pc.validation_fraction, seed)
+
+    test_probs, val_probs, minutes = {}, {}, {}
+    for kind in args.models:
+        start, task_cfg = time.time(), with_kind(pc, kind)
+        model, _ = fit_classifier(kind, model_settings(task_cfg, kind), task_cfg, tokens[fit_idx], labels[fit_idx],
+                                  tokens[val_idx], labels[val_idx], seed, device, select_best=True, desc=kind,
+                                  run_dir=Paths(cfg).run / "ablations" / f"promoter_blend_{kind}_fold{args.fold}")
+        test_probs[kind] = predict_proba(model, tokens[test_idx], device, 256)
+        val_probs[kind] = predict_proba(model, tokens[val_idx], device, 256)
+        minutes[kind] = round((time.time() - start) / 60, 1)
+
+    rows = []
+    print(f"\npromoter fold {args.fold}, preset {args.preset} {' '.join(args.set)}; minutes {minutes}")
+    for size in range(1, len(args.models) + 1):
+        for models in itertools.combinations(args.models, size):
+            test = binary_classification_metrics(labels[test_idx], np.mean([test_probs[k] for k in models], axis=0))
+            val = binary_classification_metrics(labels[val_idx], np.mean([val_probs[k] for k in models], axis=0))
+            rows.append({"models": list(models), "validation_auc": round(val["auc"], 4),
+                         **{m: round(test[m], 4) for m in ("accuracy", "mcc", "auc")}})
+            print(f"{' + '.join(models):18s} held-out accuracy {test['accuracy']:.4f} MCC {test['mcc']:.4f} "
+                  f"AUC {test['auc']:.4f} | validation AUC {val['auc']:.4f}")
+    chosen = max(rows, key=lambda r: (r["validation_auc"], -len(r["models"])))
+    print(f"the stage's rule (best validation AUC) would serve: {' + '.join(chosen['models'])}")
+    write_json(Paths(cfg).oof / "promoter_blend.json", {"preset": args.preset, "fold": args.fold, "settings": args.set,
+                                                        "minutes": minutes, "rows": rows,
+                                                        "rule_serves": chosen["models"]})
+
+
+if __name__ == "__main__":
+    main()
