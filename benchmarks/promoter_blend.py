@@ -5,9 +5,10 @@ two or more scored on the held-out fold, beside its validation AUC (what the sta
 
     python benchmarks/promoter_blend.py                     # cpu preset, fold 0, nt cnn danq
     python benchmarks/promoter_blend.py --models nt danq --fold 2
+    python benchmarks/promoter_blend.py --name avg5 --models nt --set promoter.average_top_k=5
 
-Models train in their own folders under work/<preset>/ablations (resumable); rows go to
-oof/promoter_blend.json.
+Models train in their own folders under work/<preset>/ablations (resumable; a variant's --name keeps its
+own folders); rows go to oof/promoter_blend[_<name>].json.
 """
 import argparse
 import itertools
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=["nt", "cnn", "danq"])
+    parser.add_argument("--name", default="blend", help="a variant's name: its own model folders and JSON")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     cfg = load_config(args.preset, overrides=args.set)
@@ -47,7 +49,7 @@ def main() -> None:
         start, task_cfg = time.time(), with_kind(pc, kind)
         model, _ = fit_classifier(kind, model_settings(task_cfg, kind), task_cfg, tokens[fit_idx], labels[fit_idx],
                                   tokens[val_idx], labels[val_idx], seed, device, select_best=True, desc=kind,
-                                  run_dir=Paths(cfg).run / "ablations" / f"promoter_blend_{kind}_fold{args.fold}")
+                                  run_dir=Paths(cfg).run / "ablations" / f"promoter_{args.name}_{kind}_fold{args.fold}")
         test_probs[kind] = predict_proba(model, tokens[test_idx], device, 256)
         val_probs[kind] = predict_proba(model, tokens[val_idx], device, 256)
         minutes[kind] = round((time.time() - start) / 60, 1)
@@ -64,9 +66,10 @@ def main() -> None:
                   f"AUC {test['auc']:.4f} | validation AUC {val['auc']:.4f}")
     chosen = max(rows, key=lambda r: (r["validation_auc"], -len(r["models"])))
     print(f"the stage's rule (best validation AUC) would serve: {' + '.join(chosen['models'])}")
-    write_json(Paths(cfg).oof / "promoter_blend.json", {"preset": args.preset, "fold": args.fold, "settings": args.set,
-                                                        "minutes": minutes, "rows": rows,
-                                                        "rule_serves": chosen["models"]})
+    suffix = "" if args.name == "blend" else f"_{args.name}"
+    write_json(Paths(cfg).oof / f"promoter_blend{suffix}.json",
+               {"preset": args.preset, "fold": args.fold, "settings": args.set, "minutes": minutes, "rows": rows,
+                "rule_serves": chosen["models"]})
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ def test_kmer_frequencies_sum_to_one_per_k():
 @pytest.mark.slow
 def test_smoke_promoter_stage_writes_metrics_and_motifs(data_dir, tmp_path):
     workspace = tmp_path / "ws"
-    args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace), "--set", "train.threads=1"]
+    args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace), "--set", "train.threads=1",
+            "--set", "promoter.average_top_k=2"]
     assert load_kernel("10_promoter").main(args) == 0  # alone on a fresh workspace: reads --data-dir
     assert not (workspace / "input").exists()
     metrics = json.loads((workspace / "oof" / "promoter_metrics.json").read_text())
@@ -154,6 +155,26 @@ def test_smoke_promoter_stage_writes_metrics_and_motifs(data_dir, tmp_path):
     for figure in ("promoter_learning_curves.png", "promoter_confusion.png", "promoter_motifs.png",
                    "promoter_roc_pr.png"):
         assert (workspace / "figures" / figure).stat().st_size > 5_000
+    assert_checkpoint_report_matches_the_stage(data_dir, workspace, metrics)
+
+
+def assert_checkpoint_report_matches_the_stage(data_dir, workspace, metrics):
+    """benchmarks/promoter_checkpoints.py: the stage's per-fold figures, and the best single epoch's, which
+    equal them wherever the stage kept that epoch rather than the mean of the two best."""
+    import sys
+
+    from conftest import run_script
+
+    proc = run_script([sys.executable, "benchmarks/promoter_checkpoints.py", "--preset", "smoke",
+                       "--set", "promoter.average_top_k=2", *isolated(workspace)], env={"NT_DATA_DIR": str(data_dir)},
+                      timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((workspace / "oof" / "promoter_checkpoints.json").read_text())
+    assert [row["stage"]["accuracy"] for row in report["folds"]] == [f["accuracy"] for f in metrics["per_fold"]]
+    for row in report["folds"]:
+        if not row["averaged_kept"]:
+            assert row["best_epoch"] == pytest.approx(row["stage"])
+        assert all(-1 <= v <= 1 for v in row["best_epoch"].values())
 
 
 @pytest.fixture(scope="module")

@@ -207,6 +207,24 @@ def test_a_classifier_learns_a_separable_motif(kind, tmp_path):
     assert binary_classification_metrics(val_labels, probs)["auc"] == pytest.approx(max(h["val_auc"] for h in history))
 
 
+def test_a_classifier_keeps_the_mean_of_its_best_epochs_only_when_it_validates_better(tmp_path, capsys):
+    import re
+
+    from nucleic.metrics import binary_classification_metrics
+
+    tokens, labels = separable_task(128, seed=0)
+    val_tokens, val_labels = separable_task(48, seed=1)
+    tc = load_config("smoke", overrides=["mirna.epochs=5", "mirna.nmute=3", "mirna.batch_size=16",
+                                         "mirna.average_top_k=3"]).mirna
+    model, history = classify.fit_classifier("cnn", dict(load_config("smoke").mirna.cnn), tc, tokens, labels,
+                                             val_tokens, val_labels, seed=0, device=CPU, run_dir=tmp_path,
+                                             select_best=True)
+    assert len(list((tmp_path / "top").glob("epoch*.pt"))) == 3
+    averaged = float(re.search(r"average of epochs \[.*\]: val_auc ([0-9.]+)", capsys.readouterr().out).group(1))
+    got = binary_classification_metrics(val_labels, classify.predict_proba(model, val_tokens, CPU, 64))["auc"]
+    assert got == pytest.approx(max(averaged, max(h["val_auc"] for h in history)), abs=1e-4)
+
+
 def test_classifier_resumes_a_run_killed_mid_epoch_to_the_same_weights(tmp_path, monkeypatch):
     tokens, labels = separable_task(64, seed=0)
     tc = load_config("smoke", overrides=["mirna.epochs=3", "mirna.batch_size=16", "mirna.nmute=2"]).mirna

@@ -96,7 +96,8 @@ def fit_classifier(kind: str, settings, tc, tokens: torch.Tensor, labels: np.nda
                    pairs: torch.Tensor | None = None, val_pairs: torch.Tensor | None = None):
     """Train for tc.epochs through the engine (resumable from run_dir/last.pt); returns the model and a
     per-epoch history (train loss, held-out AUC and accuracy). select_best=True returns the weights of
-    the epoch with the best validation AUC (only for a validation set that is not the test set);
+    the epoch with the best validation AUC (only for a validation set that is not the test set), or with
+    tc.average_top_k = k >= 2 the mean of the k best epochs' weights when its validation AUC is higher;
     otherwise the final weights.
 
     NT: Adam (0.9, 0.99, 1e-8, weight decay 1e-5) with the warm-up + inverse-square-root schedule of
@@ -115,7 +116,8 @@ def fit_classifier(kind: str, settings, tc, tokens: torch.Tensor, labels: np.nda
         optimizer = make_adam(model, tc.baseline_lr)
         scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     trainer = Trainer(model, optimizer, scheduler, run_dir, tc.epochs, device, seed=seed, name=desc,
-                      select="val_auc" if select_best else None, higher_is_better=True)
+                      select="val_auc" if select_best else None, higher_is_better=True,
+                      top_k=tc.get("average_top_k", 0) if select_best else 0)
     labels_t = torch.as_tensor(labels, dtype=torch.float32)
     generator = torch.Generator()
     epoch = {}
@@ -139,7 +141,7 @@ def fit_classifier(kind: str, settings, tc, tokens: torch.Tensor, labels: np.nda
 
     trainer.fit(epoch_batches, batch_loss, evaluate,
                 describe=lambda s: f"val AUC {s['val_auc']:.4f} accuracy {s['val_accuracy']:.4f}")
-    weights, _ = trainer.final_weights()
+    weights, _ = trainer.final_weights(lambda: evaluate(0))
     model.load_state_dict(weights)
     return model, trainer.state["history"]
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""What averaging checkpoints bought stage 10: per CV fold, the held-out metrics of the best single
+validation epoch (fold<f>/best.pt) beside those of the model the stage kept (the mean of the
+promoter.average_top_k best epochs when it validated better, else that same best epoch).
+
+    bash run_all.sh --only 10_promoter && python benchmarks/promoter_checkpoints.py
+
+Reads the stage's fold folders (work/<preset>/promoter/<model>) and oof/promoter_metrics.json; writes
+oof/promoter_checkpoints.json. Nothing is trained.
+"""
+import argparse
+import json
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+from nucleic.classify import build_classifier, encode_sequences, load_classifier, model_settings, predict_proba
+from nucleic.config import Paths, load_config
+from nucleic.dna_data import read_promoter
+from nucleic.dna_tasks import stratified_subset, task_input
+from nucleic.engine import read_checkpoint, setup_device
+from nucleic.io_utils import write_json
+from nucleic.metrics import binary_classification_metrics
+
+SHOWN = ("accuracy", "mcc", "auc")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    cfg = load_config(args.preset, overrides=args.set)
+    pc, paths = cfg.promoter, Paths(cfg)
+    device = setup_device(cfg.train)
+    frame = stratified_subset(read_promoter(task_input(cfg, "promoter") / "v9d3.csv"), pc.max_rows, cfg.seed)
+    tokens, labels = encode_sequences(list(frame.sequence)), frame.label.to_numpy()
+    stage = json.loads((paths.oof / "promoter_metrics.json").read_text())
+    work = paths.run / "promoter" / pc.model
+    splitter = StratifiedKFold(pc.folds, shuffle=True, random_state=cfg.seed)
+    rows = []
+    for fold, (_, test_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        best = build_classifier(pc.model, model_settings(pc, pc.model), tokens.shape[1]).to(device)
+        best.load_state_dict(read_checkpoint(work / f"fold{fold}" / "best.pt", device)["model"])
+        kept, _ = load_classifier(work / f"fold{fold}.pt", device)
+        averaged = any(not torch.equal(a, b) for a, b in zip(best.state_dict().values(), kept.state_dict().values()))
+        single = binary_classification_metrics(labels[test_idx], predict_proba(best, tokens[test_idx], device, 256))
+        rows.append({"fold": fold, "averaged_kept": averaged, "best_epoch": {m: single[m] for m in SHOWN},
+                     "stage": {m: stage["per_fold"][fold][m] for m in SHOWN}})
+        print(f"fold {fold}: best epoch " + " ".join(f"{m} {single[m]:.4f}" for m in SHOWN) + " | stage's model "
+              + " ".join(f"{m} {rows[-1]['stage'][m]:.4f}" for m in SHOWN) + ("" if averaged else " (the same)"))
+    means = {side: {m: float(np.mean([r[side][m] for r in rows])) for m in SHOWN} for side in ("best_epoch", "stage")}
+    for side, scores in means.items():
+        print(f"mean over {len(rows)} folds, {side}: " + " ".join(f"{m} {v:.4f}" for m, v in scores.items()))
+    write_json(paths.oof / "promoter_checkpoints.json", {"preset": args.preset, "average_top_k": pc.average_top_k,
+                                                         "folds": rows, "mean": means, "settings": args.set})
+
+
+if __name__ == "__main__":
+    main()
