@@ -13,13 +13,9 @@ import argparse
 import json
 import time
 
-import numpy as np
-from sklearn.model_selection import StratifiedKFold
-
 from nucleic.classify import encode_sequences, fit_classifier, predict_proba
 from nucleic.config import Paths, load_config
-from nucleic.dna_data import read_promoter
-from nucleic.dna_tasks import stratified_subset, task_input
+from nucleic.dna_tasks import cv_splits, promoter_frame
 from nucleic.engine import setup_device
 from nucleic.io_utils import write_json
 from nucleic.metrics import binary_classification_metrics
@@ -35,10 +31,9 @@ def main() -> None:
     cfg = load_config(args.preset, overrides=args.set)
     pc = cfg.promoter
     device = setup_device(cfg.train)
-    frame = stratified_subset(read_promoter(task_input(cfg, "promoter") / "v9d3.csv"), pc.max_rows, cfg.seed)
+    frame = promoter_frame(cfg)
     tokens, labels = encode_sequences(list(frame.sequence)), frame.label.to_numpy()
-    splitter = StratifiedKFold(pc.folds, shuffle=True, random_state=cfg.seed)
-    train_idx, val_idx = list(splitter.split(np.zeros(len(labels)), labels))[args.fold]
+    train_idx, val_idx = cv_splits(labels, pc.folds, cfg.seed)[args.fold]
 
     start = time.time()
     run_dir = Paths(cfg).run / "ablations" / f"promoter_{args.name}_fold{args.fold}"

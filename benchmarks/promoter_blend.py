@@ -15,12 +15,10 @@ import itertools
 import time
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from nucleic.classify import encode_sequences, fit_classifier, model_settings, predict_proba
 from nucleic.config import Paths, load_config
-from nucleic.dna_data import read_promoter
-from nucleic.dna_tasks import stratified_split, stratified_subset, task_input, with_kind
+from nucleic.dna_tasks import choose_blend, cv_splits, promoter_frame, stratified_split, with_kind
 from nucleic.engine import setup_device
 from nucleic.io_utils import write_json
 from nucleic.metrics import binary_classification_metrics
@@ -37,10 +35,9 @@ def main() -> None:
     cfg = load_config(args.preset, overrides=args.set)
     pc = cfg.promoter
     device = setup_device(cfg.train)
-    frame = stratified_subset(read_promoter(task_input(cfg, "promoter") / "v9d3.csv"), pc.max_rows, cfg.seed)
+    frame = promoter_frame(cfg)
     tokens, labels = encode_sequences(list(frame.sequence)), frame.label.to_numpy()
-    splitter = StratifiedKFold(pc.folds, shuffle=True, random_state=cfg.seed)
-    train_idx, test_idx = list(splitter.split(np.zeros(len(labels)), labels))[args.fold]
+    train_idx, test_idx = cv_splits(labels, pc.folds, cfg.seed)[args.fold]
     seed = cfg.seed + args.fold  # as stage 10's run_cv
     fit_idx, val_idx = stratified_split(train_idx, labels, pc.validation_fraction, seed)
 
@@ -64,12 +61,12 @@ def main() -> None:
                          **{m: round(test[m], 4) for m in ("accuracy", "mcc", "auc")}})
             print(f"{' + '.join(models):18s} held-out accuracy {test['accuracy']:.4f} MCC {test['mcc']:.4f} "
                   f"AUC {test['auc']:.4f} | validation AUC {val['auc']:.4f}")
-    chosen = max(rows, key=lambda r: (r["validation_auc"], -len(r["models"])))
-    print(f"the stage's rule (best validation AUC) would serve: {' + '.join(chosen['models'])}")
+    chosen, _ = choose_blend(labels[val_idx], val_probs)
+    print(f"the stage's rule (best validation AUC) would serve: {' + '.join(chosen)}")
     suffix = "" if args.name == "blend" else f"_{args.name}"
     write_json(Paths(cfg).oof / f"promoter_blend{suffix}.json",
                {"preset": args.preset, "fold": args.fold, "settings": args.set, "minutes": minutes, "rows": rows,
-                "rule_serves": chosen["models"]})
+                "rule_serves": list(chosen)})
 
 
 if __name__ == "__main__":

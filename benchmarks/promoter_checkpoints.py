@@ -13,12 +13,10 @@ import json
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 
 from nucleic.classify import build_classifier, encode_sequences, load_classifier, model_settings, predict_proba
 from nucleic.config import Paths, load_config
-from nucleic.dna_data import read_promoter
-from nucleic.dna_tasks import stratified_subset, task_input
+from nucleic.dna_tasks import cv_splits, promoter_frame
 from nucleic.engine import read_checkpoint, setup_device
 from nucleic.io_utils import write_json
 from nucleic.metrics import binary_classification_metrics
@@ -34,13 +32,12 @@ def main() -> None:
     cfg = load_config(args.preset, overrides=args.set)
     pc, paths = cfg.promoter, Paths(cfg)
     device = setup_device(cfg.train)
-    frame = stratified_subset(read_promoter(task_input(cfg, "promoter") / "v9d3.csv"), pc.max_rows, cfg.seed)
+    frame = promoter_frame(cfg)
     tokens, labels = encode_sequences(list(frame.sequence)), frame.label.to_numpy()
     stage = json.loads((paths.oof / "promoter_metrics.json").read_text())
     work = paths.run / "promoter" / pc.model
-    splitter = StratifiedKFold(pc.folds, shuffle=True, random_state=cfg.seed)
     rows = []
-    for fold, (_, test_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+    for fold, (_, test_idx) in enumerate(cv_splits(labels, pc.folds, cfg.seed)):
         best = build_classifier(pc.model, model_settings(pc, pc.model), tokens.shape[1]).to(device)
         best.load_state_dict(read_checkpoint(work / f"fold{fold}" / "best.pt", device)["model"])
         kept, _ = load_classifier(work / f"fold{fold}.pt", device)

@@ -26,7 +26,7 @@ import numpy as np
 
 from nucleic.config import Paths, load_config
 from nucleic.dna_data import read_viral
-from nucleic.dna_tasks import choose_blend, fit_and_score, stratified_split, stratified_subset, task_input, viral_key
+from nucleic.dna_tasks import choose_blend, fit_and_score, grouped_auc, stratified_split, stratified_subset, task_input, viral_key
 from nucleic.engine import setup_device
 from nucleic.io_utils import write_json
 from nucleic.metrics import binary_classification_metrics
@@ -105,16 +105,12 @@ def fixed_blends(models: list[str], pooled: dict, labels: np.ndarray, groups: np
     experiments themselves: a ceiling for a fixed blend, not a rule's score."""
     import itertools
 
-    scored = [np.flatnonzero(groups == e) for e in sorted(set(groups))]
-    scored = [rows for rows in scored if labels[rows].sum()]
     table = {}
     for size in range(2, len(models) + 1):
         for blend in itertools.combinations(models, size):
-            probs = np.mean([pooled[kind] for kind in blend], axis=0)
-            aucs = [binary_classification_metrics(labels[rows], probs[rows])["auc"] for rows in scored]
-            table[" + ".join(blend)] = float(np.mean(aucs))
+            table[" + ".join(blend)] = grouped_auc(labels, np.mean([pooled[kind] for kind in blend], axis=0), groups)
     for name, auc in sorted(table.items(), key=lambda item: -item[1]):
-        print(f"fixed blend {name:30s} mean AUC over {len(scored)} experiments {auc:.4f}")
+        print(f"fixed blend {name:30s} mean AUC over the experiments with a viral contig {auc:.4f}")
     return table
 
 

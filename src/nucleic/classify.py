@@ -117,7 +117,7 @@ def fit_classifier(kind: str, settings, tc, tokens: torch.Tensor, labels: np.nda
         scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     trainer = Trainer(model, optimizer, scheduler, run_dir, tc.epochs, device, seed=seed, name=desc,
                       select="val_auc" if select_best else None, higher_is_better=True,
-                      top_k=tc.get("average_top_k", 0) if select_best else 0)
+                      top_k=tc.average_top_k if select_best else 0)
     labels_t = torch.as_tensor(labels, dtype=torch.float32)
     generator = torch.Generator()
     epoch = {}

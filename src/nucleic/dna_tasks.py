@@ -35,17 +35,14 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
     """Stratified K-fold CV of task_cfg.model; fold results cached in `work` (resumable). Each fold keeps
     task_cfg.validation_fraction of its training rows apart and scores the held-out fold with the weights
     of the epoch with the best AUC on them (the rule every classifier follows)."""
-    from sklearn.model_selection import StratifiedKFold
-
     kind = task_cfg.model
     tokens = encode_sequences(list(frame.sequence))
     pairs = structure_input(cfg, kind, frame, tokens.shape[1])
     labels = frame.label.to_numpy()
-    splitter = StratifiedKFold(task_cfg.folds, shuffle=True, random_state=cfg.seed)
     folds = np.zeros(len(frame), dtype=np.int64)
     probabilities = np.zeros(len(frame))
     per_fold, histories, motifs = [], [], collections.Counter()
-    for fold, (train_idx, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+    for fold, (train_idx, val_idx) in enumerate(cv_splits(labels, task_cfg.folds, cfg.seed)):
         cache = work / f"fold{fold}.pkl"
         result = read_cache(cache)
         if result is None:
@@ -68,6 +65,18 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
     summary = {m: float(np.mean([f[m] for f in per_fold])) for m in SUMMARY_METRICS}
     return {"summary": summary, "per_fold": per_fold, "histories": histories, "motifs": motifs,
             "folds": folds, "probabilities": probabilities}
+
+
+def cv_splits(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The stratified K-fold (training rows, held-out rows) of the CV stages, in fold order."""
+    from sklearn.model_selection import StratifiedKFold
+
+    return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
+
+
+def promoter_frame(cfg: Config) -> pd.DataFrame:
+    """The promoter rows stage 10 reads (a stratified subset under promoter.max_rows)."""
+    return stratified_subset(read_promoter(task_input(cfg, "promoter") / "v9d3.csv"), cfg.promoter.max_rows, cfg.seed)
 
 
 def structure_input(cfg: Config, kind: str, frame: pd.DataFrame, length: int) -> torch.Tensor | None:
@@ -146,7 +155,7 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
 
     paths, pc = Paths(cfg), cfg.promoter
     device = setup_device(cfg.train)
-    frame = stratified_subset(read_promoter(task_input(cfg, "promoter") / "v9d3.csv"), pc.max_rows, cfg.seed)
+    frame = promoter_frame(cfg)
     work = claim_work_dir(paths.run / "promoter" / pc.model, promoter_key(cfg), force)
     result = run_cv(cfg, pc, frame, work, device)
     oof = paths.oof / "promoter_oof.csv"
