@@ -6,20 +6,23 @@ promoter.average_top_k best epochs when it validated better, else that same best
     bash run_all.sh --only 10_promoter && python benchmarks/promoter_checkpoints.py
 
 Reads the stage's fold folders (work/<preset>/promoter/<model>) and oof/promoter_metrics.json; writes
-oof/promoter_checkpoints.json. Nothing is trained.
+oof/promoter_checkpoints.json. Nothing is trained; the benchmark refuses fold folders stamped with other
+settings than its own (pass the stage's --set overrides here too).
 """
 import argparse
 import json
+import sys
 
 import numpy as np
 import torch
 
 from nucleic.classify import build_classifier, encode_sequences, load_classifier, model_settings, predict_proba
 from nucleic.config import Paths, load_config
-from nucleic.dna_tasks import cv_splits, promoter_frame
+from nucleic.dna_tasks import cv_splits, promoter_frame, promoter_key
 from nucleic.engine import read_checkpoint, setup_device
 from nucleic.io_utils import write_json
 from nucleic.metrics import binary_classification_metrics
+from nucleic.stage import stamped_with
 
 SHOWN = ("accuracy", "mcc", "auc")
 
@@ -34,8 +37,11 @@ def main() -> None:
     device = setup_device(cfg.train)
     frame = promoter_frame(cfg)
     tokens, labels = encode_sequences(list(frame.sequence)), frame.label.to_numpy()
-    stage = json.loads((paths.oof / "promoter_metrics.json").read_text())
     work = paths.run / "promoter" / pc.model
+    if not stamped_with(work, promoter_key(cfg)):
+        sys.exit(f"{work}: stage 10's models were trained with other settings (or not at all); "
+                 f"run `bash run_all.sh --only 10_promoter` with these settings first")
+    stage = json.loads((paths.oof / "promoter_metrics.json").read_text())
     rows = []
     for fold, (_, test_idx) in enumerate(cv_splits(labels, pc.folds, cfg.seed)):
         best = build_classifier(pc.model, model_settings(pc, pc.model), tokens.shape[1]).to(device)

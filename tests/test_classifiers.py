@@ -176,6 +176,13 @@ def assert_checkpoint_report_matches_the_stage(data_dir, workspace, metrics):
             assert row["best_epoch"] == pytest.approx(row["stage"])
         assert all(-1 <= v <= 1 for v in row["best_epoch"].values())
 
+    # settings the stage did not train with: one line naming the folder, no report written over the last one
+    proc = run_script([sys.executable, "benchmarks/promoter_checkpoints.py", "--preset", "smoke",
+                       "--set", "promoter.average_top_k=3", *isolated(workspace)], env={"NT_DATA_DIR": str(data_dir)},
+                      timeout=300)
+    assert proc.returncode != 0 and "trained with other settings" in proc.stderr.strip().splitlines()[-1]
+    assert json.loads((workspace / "oof" / "promoter_checkpoints.json").read_text()) == report
+
 
 @pytest.fixture(scope="module")
 def prepared_inputs(data_dir, tmp_path_factory):
@@ -413,3 +420,40 @@ def test_promoter_blend_benchmark_scores_every_model_and_mean_and_names_the_rule
     chosen = next(row for row in report["rows"] if row["models"] == report["rule_serves"])
     assert chosen["validation_auc"] == best
     assert all(0 <= row[m] <= 1 for row in report["rows"] for m in ("accuracy", "auc", "validation_auc"))
+
+
+def test_classifier_ablation_under_the_stage_rule_reports_every_seed_their_spread_and_their_ensemble(data_dir, tmp_path):
+    import sys
+
+    from conftest import run_script
+
+    proc = run_script([sys.executable, "benchmarks/classifier_ablation.py", "--preset", "smoke", "--name", "seeds",
+                       "--rule", "stage", "--seeds", "2", "--set", "promoter.epochs=2", *isolated(tmp_path)],
+                      env={"NT_DATA_DIR": str(data_dir)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [row] = json.loads((tmp_path / "oof" / "classifier_ablations.json").read_text())
+    assert row["rule"] == "stage" and [s["seed"] for s in row["per_seed"]] == [0, 1]
+    first, second = row["per_seed"]
+    assert len(first["validation_auc_per_epoch"]) == 2
+    ablations = tmp_path / "work" / "smoke" / "ablations"
+    assert not same_weights(ablations / "promoter_seeds_stage_fold0", ablations / "promoter_seeds_stage_fold0_seed1")
+    for m in ("accuracy", "mcc", "auc"):
+        assert row["mean"][m] == pytest.approx((first[m] + second[m]) / 2, abs=1e-4)
+        assert row["sd"][m] == pytest.approx(abs(first[m] - second[m]) / 2 ** 0.5, abs=1e-4)
+    assert 0 <= row["ensemble"]["auc"] <= 1
+
+    proc = run_script([sys.executable, "benchmarks/classifier_ablation.py", "--preset", "smoke", "--name", "seeds",
+                       "--rule", "stage", "--torch-dropout", "--set", "promoter.epochs=2", *isolated(tmp_path)],
+                      env={"NT_DATA_DIR": str(data_dir)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch_row = json.loads((tmp_path / "oof" / "classifier_ablations.json").read_text())[-1]
+    assert torch_row["torch_dropout"] and "per_seed" not in torch_row  # its own folder: trained, not resumed
+    # the same seed, another dropout stream: another model
+    assert not same_weights(ablations / "promoter_seeds_stage_fold0", ablations / "promoter_seeds_stage_torch_dropout_fold0")
+
+
+def same_weights(run_a, run_b) -> bool:
+    from nucleic.engine import read_checkpoint
+
+    a, b = (read_checkpoint(run / "best.pt", torch.device("cpu"))["model"] for run in (run_a, run_b))
+    return all(torch.equal(a[key], b[key]) for key in a)

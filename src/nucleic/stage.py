@@ -138,6 +138,13 @@ def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
     return folder
 
 
+def stamped_with(folder: Path, settings: dict) -> bool:
+    """Whether claim_work_dir stamped `folder` with these settings (a reader's check before it uses work
+    that it does not redo itself)."""
+    stamp = folder / "settings.json"
+    return stamp.exists() and json.loads(stamp.read_text()).get("hash") == config_hash(settings)
+
+
 def lock_path(cfg: Config) -> Path:
     """The run lock of cfg's work folder. It lives in the system's temporary folder, keyed by the work
     folder's path, so taking it writes nothing into a workspace (a refused or failed stage leaves none)."""
