@@ -63,9 +63,9 @@ def main() -> None:
     else:
         fit_idx, watch_idx = train_idx, test_idx
 
+    variant = args.name + ("_stage" if args.rule == "stage" else "") + ("_torch_dropout" if args.torch_dropout else "")
     start, seeds = time.time(), []
     for s in range(args.seeds):
-        variant = args.name + ("_stage" if args.rule == "stage" else "") + ("_torch_dropout" if args.torch_dropout else "")
         run_dir = Paths(cfg).run / "ablations" / f"promoter_{variant}_fold{args.fold}{f'_seed{s}' if s else ''}"
         model, history = fit_classifier(pc.model, model_settings(pc, pc.model), pc, tokens[fit_idx], labels[fit_idx],
                                         tokens[watch_idx], labels[watch_idx], cfg.seed + args.fold + 1000 * s,

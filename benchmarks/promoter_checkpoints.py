@@ -34,13 +34,13 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.preset, overrides=args.set)
     pc, paths = cfg.promoter, Paths(cfg)
-    device = setup_device(cfg.train)
-    frame = promoter_frame(cfg)
-    tokens, labels = encode_sequences(list(frame.sequence)), frame.label.to_numpy()
     work = paths.run / "promoter" / pc.model
     if not stamped_with(work, promoter_key(cfg)):
         sys.exit(f"{work}: stage 10's models were trained with other settings (or not at all); "
                  f"run `bash run_all.sh --only 10_promoter` with these settings first")
+    device = setup_device(cfg.train)
+    frame = promoter_frame(cfg)
+    tokens, labels = encode_sequences(list(frame.sequence)), frame.label.to_numpy()
     stage = json.loads((paths.oof / "promoter_metrics.json").read_text())
     rows = []
     for fold, (_, test_idx) in enumerate(cv_splits(labels, pc.folds, cfg.seed)):

@@ -128,7 +128,7 @@ def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
     stamped with other settings, or --force, is removed (and said so) and redone from scratch; work
     stamped with the same settings resumes. Never reused silently under changed settings."""
     stamp, wanted = folder / "settings.json", config_hash(settings)
-    found = json.loads(stamp.read_text()).get("hash") if stamp.exists() else None
+    found = stamp_hash(folder)
     if folder.exists() and any(folder.iterdir()) and (force or found != wanted):
         reason = "--force" if force else ("trained with other settings" if found else "not stamped")
         print(f"{folder}: {reason}; retraining from scratch", flush=True)
@@ -138,11 +138,16 @@ def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
     return folder
 
 
+def stamp_hash(folder: Path) -> str | None:
+    """The settings hash claim_work_dir stamped `folder` with, or None where it holds no stamp."""
+    stamp = folder / "settings.json"
+    return json.loads(stamp.read_text()).get("hash") if stamp.exists() else None
+
+
 def stamped_with(folder: Path, settings: dict) -> bool:
     """Whether claim_work_dir stamped `folder` with these settings (a reader's check before it uses work
     that it does not redo itself)."""
-    stamp = folder / "settings.json"
-    return stamp.exists() and json.loads(stamp.read_text()).get("hash") == config_hash(settings)
+    return stamp_hash(folder) == config_hash(settings)
 
 
 def lock_path(cfg: Config) -> Path:
