@@ -42,6 +42,13 @@ def test_values_of_every_accepted_kind_load(override):
     load_config("smoke", overrides=[override])
 
 
+def test_exponent_without_a_dot_is_a_number():
+    """PyYAML alone reads 2e-3 as a string (YAML 1.1); a learning rate typed that way must load as 0.002."""
+    cfg = load_config("smoke", overrides=["train.lr=2e-3", "pretrain.lr=1E-4", "train.weight_decay=1e+0"])
+    assert (cfg.train.lr, cfg.pretrain.lr, cfg.train.weight_decay) == (0.002, 0.0001, 1.0)
+    assert load_config("smoke", overrides=["model.name=e3"]).model.name == "e3"  # a name stays a string
+
+
 def test_a_bad_value_stops_the_stage_before_force_deletes_anything(tmp_path):
     """--force with a bad value: one line naming the key, exit 2, and the model folder untouched."""
     from conftest import REPO, isolated, run_script

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -47,9 +48,22 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where a float needs a dot: 2e-3 would load as the string '2e-3'. Here it is
+    the number, as in YAML 1.2 and as a user typing --set train.lr=2e-3 means it."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _load_yaml(text):
+    return yaml.load(text, Loader=_Loader)
+
+
 def _read_yaml(path: Path) -> dict:
     with open(path) as f:
-        return yaml.safe_load(f) or {}
+        return _load_yaml(f) or {}
 
 
 # By hand rather than OmegaConf: the merge with unknown-key errors and the KEY=VALUE parser are 25 lines,
@@ -72,7 +86,7 @@ def _parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not KEY=VALUE")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _load_yaml(raw) if raw.strip() else None
     nested: dict = value
     for part in reversed(dotted.strip().split(".")):
         nested = {part: nested}
