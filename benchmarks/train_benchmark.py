@@ -216,6 +216,9 @@ def variants_for(preset: str, cfg, device, args) -> list[tuple]:
                  ("torch.compile + CL", threads, False, True, True, False)]
     if native_bf16(device) or args.emulated_bf16:
         variants.insert(-3, ("bf16 autocast", threads, True, False, False, False))
+        if not (preset_bf16 and cfg.train.channels_last):  # else the preset's own row
+            variants.insert(-3, ("bf16 + channels_last", threads, True, True, False, False))
+        variants.append(("torch.compile + bf16 + CL", threads, True, True, True, False))
     elif preset == "cpu":
         print("  (bf16 autocast skipped: emulated on this CPU, 10-20x slower than fp32; --emulated-bf16 runs it)")
     return variants

@@ -22,6 +22,24 @@ def find_data_dir() -> Path | None:
     return None
 
 
+DATA_FIXTURES = {"data_dir", "real_data_dir"}  # every test that reads a data file uses one, directly or not
+
+
+def pytest_addoption(parser):
+    parser.addoption("--data-tests-only", action="store_true",
+                     help="run only the tests that use a data fixture (what changes without the real bundle)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--data-tests-only"):
+        return
+    kept, dropped = [], []
+    for item in items:
+        (kept if DATA_FIXTURES & set(getattr(item, "fixturenames", ())) else dropped).append(item)
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
+
+
 def pytest_report_header(config) -> str:
     found = find_data_dir()
     if found:

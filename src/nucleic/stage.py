@@ -123,11 +123,14 @@ def stage_needed(cfg: Config, name: str, key_fn: Callable[[Config], dict]) -> bo
     return not up_to_date(cfg, stage, stage_key(cfg, stage))
 
 
+STAMP_FILE = "settings.json"  # a work folder's settings and their hash, written by claim_work_dir
+
+
 def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
     """The one stale-result rule for a folder of resumable work (checkpoints, per-fold results): work
     stamped with other settings, or --force, is removed (and said so) and redone from scratch; work
     stamped with the same settings resumes. Never reused silently under changed settings."""
-    stamp, wanted = folder / "settings.json", config_hash(settings)
+    stamp, wanted = folder / STAMP_FILE, config_hash(settings)
     found = stamp_hash(folder)
     if folder.exists() and any(folder.iterdir()) and (force or found != wanted):
         reason = "--force" if force else ("trained with other settings" if found else "not stamped")
@@ -140,7 +143,7 @@ def claim_work_dir(folder: Path, settings: dict, force: bool) -> Path:
 
 def stamp_hash(folder: Path) -> str | None:
     """The settings hash claim_work_dir stamped `folder` with, or None where it holds no stamp."""
-    stamp = folder / "settings.json"
+    stamp = folder / STAMP_FILE
     return json.loads(stamp.read_text()).get("hash") if stamp.exists() else None
 
 
