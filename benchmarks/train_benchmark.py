@@ -6,6 +6,7 @@ attention, feed-forward, optimizer, data collation) in a training step and in an
 
     python benchmarks/train_benchmark.py                 # all variants (about 10 min on 2 AVX2 cores)
     python benchmarks/train_benchmark.py --quick         # plain fp32 and the preset's variant only
+    python benchmarks/train_benchmark.py --presets paper # one model config only
     python benchmarks/train_benchmark.py --device cuda   # on a GPU: fp32, bf16, channels_last, torch.compile
 
 Synthetic inputs (speed does not depend on values). Inference counts a sequence as 12 forward
@@ -230,12 +231,14 @@ def main() -> None:
     parser.add_argument("--emulated-bf16", action="store_true", help="also time bf16 where the CPU only emulates it")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (and inference batches) per variant")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the parts' profile is timed on the CPU only)")
+    parser.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=["cpu", "paper"],
+                        help="model configs to time (default: both)")
     args = parser.parse_args()
     device = torch.device(args.device)
     max_threads = torch.get_num_threads()
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16(CPU)}, "
           f"{max_threads} threads" + (f"; timing on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
-    for preset in ("cpu", "paper"):
+    for preset in args.presets:
         cfg = load_config(preset)
         batch = cfg.train.batch_size
         params = sum(p.numel() for p in build_model(cfg.model).parameters()) / 1e6
