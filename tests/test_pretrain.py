@@ -98,6 +98,25 @@ def test_smoke_pretraining_then_training_starts_from_it(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_each_pseudo_label_depth_starts_from_its_own_pretrained_encoder(folded_workspace, tmp_path):
+    """With pretraining on, stage 04 pretrains every other depth model (stage 02 under its own manifest)
+    before training it, rather than failing on a missing encoder."""
+    workspace = copy_of(folded_workspace, tmp_path / "ws")
+    args = ["--preset", "smoke", *isolated(workspace)]
+    for setting in ("pretrain.enabled=true", "pretrain.epochs=1", "train.epochs=0", "train.threads=1",
+                    "pseudo.depths=[1,2]", "train.only_folds=[0]"):
+        args += ["--set", setting]
+    assert load_kernel("04_pseudo_label").main(args) == 0
+    run = workspace / "work" / "smoke"
+    manifest = json.loads((run / "manifests" / "02_pretrain.nt_k1.json").read_text())
+    assert manifest["config"]["model"]["nlayer"] == 1
+    encoder = torch.load(run / "pretrain" / "nt_k1.pt", weights_only=False)["model"]
+    start = torch.load(run / "models" / "nt_k1" / "fold0" / "model.pt", weights_only=True)["model"]
+    assert set(start) == set(encoder) and all(torch.equal(start[k], encoder[k]) for k in encoder)
+    assert (run / "pretrain" / "nt.pt").exists()
+
+
+@pytest.mark.slow
 def test_two_torchrun_processes_pretrain_like_one_with_the_whole_batch(folded_workspace, tmp_path):
     """Stage 02 under torchrun (gloo, 2 CPU processes, each taking half of every batch of 8), killed after
     its first epoch and run again, resumes and follows the loss trajectory to the weights of one process

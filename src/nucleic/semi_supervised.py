@@ -99,11 +99,24 @@ def pseudo_labels_of_folds(cfg: Config, folds: list[int], test: RNATensors, devi
     return [combine_teachers(moments[i * n:(i + 1) * n], cfg.pseudo.positions) for i in range(len(folds))]
 
 
+def ensure_pretrained(cfg: Config, models: list[Config]) -> None:
+    """Stage 02 for every other depth model when pretraining is on: each depth starts from its own
+    pretrained encoder, as the preset's own model starts from stage 02's."""
+    if not cfg.pretrain.enabled:
+        return
+    from .pretrain import pretrain_key, run_pretraining
+
+    for model_cfg in models:
+        if model_cfg.model.name != cfg.model.name:
+            ensure_stage(model_cfg, model_stage(cfg, model_cfg, "02_pretrain"), pretrain_key, run_pretraining)
+
+
 def pseudo_label(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     """Stage 04: train (or reuse) every depth model on the shared folds, then label the test set per fold."""
     models = depth_models(cfg)
     if not models:
         return [], {"skipped": "pseudo.depths is empty"}
+    ensure_pretrained(cfg, models)
     if current_client() is not None:  # every depth x fold at once, rather than one depth model after another
         stale = [m for m in models if stage_needed(m, model_stage(cfg, m, "03_train_folds"), train_key)]
         map_units(train_fold_unit, [unit for m in stale for unit in fold_units(m)])
