@@ -2,13 +2,16 @@
 """Which semi-supervised recipe pays: trains stage 05's variants on one fold and prints their
 validation MCRMSE next to the stage-03 model of that fold (issue: "pseudo-labelling that pays").
 
-    python benchmarks/semi_variants.py --fold 0                      # cpu preset, variants a b c
+    python benchmarks/semi_variants.py --fold 0                      # cpu preset, variants a to e
     python benchmarks/semi_variants.py --fold 1 --variants a c --set semi.finetune_epochs=6
 
 Variants (all start from semi.start, default here: the fold's stage-03 model):
   a  the paper's order: phase 1 on pseudo-labels + the training fold (flat LR), phase 2 on ground truth
   b  as a, with as many pseudo-labelled rows as training rows drawn into every phase-2 epoch
   c  control: the same epochs on ground truth only (no pseudo-labels)
+  d  as a, but phase 2 starts from phase 1's last epoch (a: from phase 1's validated choice,
+     which is the start itself whenever phase 1 validates worse)
+  e  control of d: c with phase 2 from phase 1's last epoch
 
 Needs stages 00-03 of the preset. Writes fold f's pseudo-labels (from the cached test predictions of
 the fold-f teachers; with other pseudo.* settings than stage 04's, rerun stage 04 with --force
@@ -32,6 +35,8 @@ VARIANTS = {
     "a": {"semi.phase1_pseudo": True, "semi.phase2_pseudo_ratio": 0.0},
     "b": {"semi.phase1_pseudo": True, "semi.phase2_pseudo_ratio": 1.0},
     "c": {"semi.phase1_pseudo": False, "semi.phase2_pseudo_ratio": 0.0},
+    "d": {"semi.phase1_pseudo": True, "semi.phase2_pseudo_ratio": 0.0, "semi.phase2_from": "last"},
+    "e": {"semi.phase1_pseudo": False, "semi.phase2_pseudo_ratio": 0.0, "semi.phase2_from": "last"},
 }
 
 

@@ -4,7 +4,7 @@
 then, for the variant each preset uses, where the time goes (embeddings, k-mer convolutions, pair path,
 attention, feed-forward, optimizer, data collation) in a training step and in an inference batch.
 
-    python benchmarks/train_benchmark.py                 # all variants (about 10 min on 2 AVX2 cores)
+    python benchmarks/train_benchmark.py                 # all variants (about 13 min on 2 AVX2 cores, 16 on A)
     python benchmarks/train_benchmark.py --quick         # plain fp32 and the preset's variant only
     python benchmarks/train_benchmark.py --presets paper # one model config only
     python benchmarks/train_benchmark.py --device cuda   # on a GPU: fp32, bf16, channels_last, torch.compile
@@ -14,12 +14,13 @@ passes, as stage 03/06 average over the 12 structure predictions. Prints figures
 """
 import argparse
 import time
+import warnings
 
 import numpy as np
 import torch
 
 from nucleic.config import load_config
-from nucleic.dataset import RNATensors, collate
+from nucleic.dataset import RNATensors, collate, use_channels_last
 from nucleic.engine import autocast, make_optimizer, native_bf16, use_bf16
 from nucleic.losses import error_weighted_mse
 from nucleic.train import build_model
@@ -97,38 +98,22 @@ COMPONENTS = {
 }
 
 
-def captured_calls(model, x, requires_grad: bool = True) -> dict:
-    """{module: its positional inputs} from one forward pass (detached; float ones requiring grad for training:
-    at inference they must not, or attention leaves torch's fused kernel)."""
-    calls, hooks = {}, []
+def part_timers(model, backward: bool) -> tuple[dict[str, float], list]:
+    """Seconds spent in each part (COMPONENTS) inside real steps, summed by module hooks: forward, and
+    with backward=True also each module's backward (from the gradient of its output to that of its
+    input). Returns (totals, hooks); remove the hooks when done."""
+    totals, started, hooks = dict.fromkeys(COMPONENTS, 0.0), {}, []
+    for part, modules in COMPONENTS.items():
+        for module in modules(model):
+            def begin(mod, *_):
+                started[mod] = time.perf_counter()
 
-    def keep(module, args):
-        calls[module] = tuple(a.detach().clone().requires_grad_(requires_grad and a.is_floating_point())
-                              if torch.is_tensor(a) else a for a in args)
-    for module in model.modules():
-        hooks.append(module.register_forward_pre_hook(keep))
-    model(**x)
-    for hook in hooks:
-        hook.remove()
-    return calls
-
-
-def component_ms(modules, calls, repeats: int, backward: bool = True) -> float:
-    """Median ms of forward (+ backward) through `modules`, each on its own captured inputs."""
-    def once():
-        with torch.inference_mode(not backward):
-            for module in modules:
-                out = module(*calls[module])
-                out = out[0] if isinstance(out, tuple) else out
-                if backward:
-                    out.backward(torch.ones_like(out))
-    once()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+            def end(mod, *_, part=part):
+                totals[part] += time.perf_counter() - started.pop(mod)
+            hooks += [module.register_forward_pre_hook(begin), module.register_forward_hook(end)]
+            if backward:
+                hooks += [module.register_full_backward_pre_hook(begin), module.register_full_backward_hook(end)]
+    return totals, hooks
 
 
 def collate_ms(batch: int, length: int, channels_last: bool, repeats: int) -> float:
@@ -150,39 +135,57 @@ def collate_ms(batch: int, length: int, channels_last: bool, repeats: int) -> fl
 
 
 def profile_split(cfg, batch: int, length: int, bf16: bool, channels_last: bool, repeats: int = 5) -> dict[str, float]:
-    """ms per training step of each part: forward + backward of every module group, the optimizer step
-    and the batch collation; 'whole step' is one full step for comparison (the rest is autograd glue)."""
+    """ms per training step of each part, timed inside real steps: forward + backward of every module
+    group, the optimizer step and the batch collation; 'whole step' is a step without the timing hooks
+    (the parts leave out autograd's glue between modules and the loss)."""
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     optimizer = make_optimizer(model, cfg.train)
     x = inputs(batch, length, channels_last)
-    split = {}
-    with autocast(CPU, bf16):
-        calls = captured_calls(model, x)
-        for name, modules in COMPONENTS.items():
-            split[name] = component_ms(modules(model), calls, repeats)
-    times = []
-    for _ in range(repeats + 1):
+    target, errors = torch.rand(batch, 68, 5), torch.rand(batch, 68, 5) * 0.2
+    optimizer_s = []
+
+    def step():
+        with autocast(CPU, bf16):
+            pred = model(**x)[:, :68].float()
+        loss = error_weighted_mse(pred, target, errors)
+        optimizer.zero_grad()
+        loss.backward()
         start = time.perf_counter()
         optimizer.step()
-        times.append(time.perf_counter() - start)
-    split["optimizer"] = 1e3 * sorted(times[1:])[repeats // 2]
+        optimizer_s.append(time.perf_counter() - start)
+
+    step()
+    with warnings.catch_warnings():  # the first modules' inputs need no gradient: timed from their outputs'
+        warnings.simplefilter("ignore", UserWarning)
+        totals, hooks = part_timers(model, backward=True)
+        for _ in range(repeats):
+            step()
+    for hook in hooks:
+        hook.remove()
+    split = {name: 1e3 * seconds / repeats for name, seconds in totals.items()}
+    split["optimizer"] = 1e3 * sorted(optimizer_s[1:])[repeats // 2]
     split["data collation"] = collate_ms(batch, length, channels_last, repeats)
     split["whole step"] = 1e3 * batch / train_rate(model, cfg, batch, length, bf16, channels_last, repeats)
     return split
 
 
+@torch.inference_mode()
 def inference_split(cfg, length: int, bf16: bool, channels_last: bool, repeats: int = 3,
                     sequences: int = 8) -> dict[str, float]:
-    """ms of each part of one inference batch (`sequences` x 12 structures, forward only), and the
-    whole forward pass."""
+    """ms of each part of one inference batch (`sequences` x 12 structures, forward only), timed inside
+    real forward passes, and the whole forward pass without the hooks."""
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     x = inputs(sequences * N_STRUCTURES, length, channels_last)
     with autocast(CPU, bf16):
-        calls = captured_calls(model, x, requires_grad=False)
-        split = {name: component_ms(modules(model), calls, repeats, backward=False)
-                 for name, modules in COMPONENTS.items()}
+        model(**x)
+        totals, hooks = part_timers(model, backward=False)
+        for _ in range(repeats):
+            model(**x)
+    for hook in hooks:
+        hook.remove()
+    split = {name: 1e3 * seconds / repeats for name, seconds in totals.items()}
     split["whole forward"] = 1e3 * sequences / inference_rate(model, length, bf16, channels_last, repeats, sequences)
     return split
 
@@ -200,10 +203,9 @@ def variants_for(preset: str, cfg, device, args) -> list[tuple]:
     """(name, threads, bf16, channels_last, torch.compile, int8 linear layers) to time; the second is the
     variant the preset itself trains and predicts with."""
     threads = torch.get_num_threads()
-    preset_bf16 = use_bf16(device, cfg.train.bf16)
+    preset_bf16, preset_cl = use_bf16(device, cfg.train.bf16), use_channels_last(cfg.train.channels_last, device)
     variants = [("plain fp32", threads, False, False, False, False),
-                (f"PRESET'S: bf16 {preset_bf16}, CL {cfg.train.channels_last}", threads, preset_bf16,
-                 cfg.train.channels_last, False, False)]
+                (f"PRESET'S: bf16 {preset_bf16}, CL {preset_cl}", threads, preset_bf16, preset_cl, False, False)]
     if args.quick:
         return variants
     if device.type == "cuda":
@@ -217,7 +219,7 @@ def variants_for(preset: str, cfg, device, args) -> list[tuple]:
                  ("torch.compile + CL", threads, False, True, True, False)]
     if native_bf16(device) or args.emulated_bf16:
         variants.insert(-3, ("bf16 autocast", threads, True, False, False, False))
-        if not (preset_bf16 and cfg.train.channels_last):  # else the preset's own row
+        if not (preset_bf16 and preset_cl):  # else the preset's own row
             variants.insert(-3, ("bf16 + channels_last", threads, True, True, False, False))
         variants.append(("torch.compile + bf16 + CL", threads, True, True, True, False))
     elif preset == "cpu":
@@ -252,7 +254,8 @@ def main() -> None:
             torch.set_num_threads(threads)
             torch.manual_seed(0)
             model = build_model(cfg.model).to(device)
-            if compiled:
+            if compiled:  # one graph per layer (5 kernel sizes) x train/eval x length: more than dynamo's default 8
+                torch._dynamo.config.recompile_limit = 64
                 model = torch.compile(model)
             try:
                 train = None if int8 else train_rate(model, cfg, batch, 107, bf16, channels_last, args.steps, device)
@@ -269,11 +272,11 @@ def main() -> None:
         torch.set_num_threads(max_threads)
         if device.type != "cpu":
             continue
-        preset_bf16 = use_bf16(device, cfg.train.bf16)
+        preset_bf16, preset_cl = use_bf16(device, cfg.train.bf16), use_channels_last(cfg.train.channels_last, device)
         print_split("one training step of the preset's variant, forward + backward per part",
-                    profile_split(cfg, batch, 107, preset_bf16, cfg.train.channels_last))
+                    profile_split(cfg, batch, 107, preset_bf16, preset_cl))
         print_split(f"one inference batch of the preset's variant, {per_batch} sequences x {N_STRUCTURES} structures",
-                    inference_split(cfg, 107, preset_bf16, cfg.train.channels_last, sequences=per_batch))
+                    inference_split(cfg, 107, preset_bf16, preset_cl, sequences=per_batch))
 
 if __name__ == "__main__":
     main()

@@ -278,6 +278,10 @@ def test_collate_stacks_each_sample_with_its_own_structure_prediction():
     assert pair.shape == (2, 4, 12, 12) and pair.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(pair[1, 0], torch.from_numpy(data.bpp[0][2].astype(np.float32)))
     assert torch.equal(pair[0, 1:], torch.from_numpy(covalent_distance_features(12)))
+    auto = collate(data, rows, slots, CPU, channels_last="auto")["pair_features"]  # auto: on a CPU only
+    assert auto.is_contiguous(memory_format=torch.channels_last) and torch.equal(auto, pair)
+    plain = collate(data, rows, slots, CPU, channels_last=False)["pair_features"]
+    assert torch.equal(plain, pair) and plain.stride() != pair.stride()
 
 
 def test_resuming_ranger_prints_nothing(capsys):

@@ -14,6 +14,8 @@ from nucleic.losses import error_weighted_mse, error_weights
 from nucleic.metrics import mcrmse
 from nucleic.models.nucleic_transformer import (
     KmerAttention,
+    KmerConv,
+    KmerDeconv,
     NTConfig,
     NucleicTransformer,
     ScaledPointwiseConv,
@@ -128,6 +130,25 @@ def test_pair_bias_conv_folds_gamma_into_its_kernel():
     assert torch.allclose(grad, F.conv2d(x, conv.weight, conv.bias).sum().reshape(1), rtol=1e-4)
 
 
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_kmer_matrix_products_equal_the_convolutions_they_replace(k):
+    """KmerConv / KmerDeconv keep Conv1d / ConvTranspose1d's weights and give their outputs and gradients
+    on (B, L, d) inputs, without the transposes to (B, d, L)."""
+    torch.manual_seed(k)
+    conv, deconv = KmerConv(6, 5, k), KmerDeconv(5, 6, k)
+    x = torch.randn(3, 11, 6, requires_grad=True)
+    reference = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias).transpose(1, 2)
+    kmers = conv(x)
+    assert kmers.shape == (3, 11 - k + 1, 5) and torch.allclose(kmers, reference, atol=1e-5)
+    back = deconv(kmers)
+    expected = F.conv_transpose1d(reference.transpose(1, 2), deconv.weight, deconv.bias).transpose(1, 2)
+    assert back.shape == (3, 11, 6) and torch.allclose(back, expected, atol=1e-5)
+    grads = torch.autograd.grad(back.square().sum(), (x, conv.weight, deconv.weight))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, conv.weight, deconv.weight))
+    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-4) for g, e in zip(grads, expected_grads))
+    assert set(conv.state_dict()) == {"weight", "bias"} and conv.weight.shape == (5, 6, k)
+
+
 def test_pair_bias_changes_the_output():
     """The BPP/distance channels reach the attention logits (gamma * conv2d(M))."""
     model = NucleicTransformer(NTConfig(nlayer=2, d_model=32, nhead=4, dim_ff=64, embed_dim=8)).eval()
@@ -142,6 +163,7 @@ def test_paper_preset_builds_the_paper_model():
     assert [layer.kmer_conv.kernel_size[0] for layer in model.layers] == [5, 4, 3, 2, 1]
     assert model.cfg.d_model == 256 and model.cfg.nhead == 32 and model.cfg.dim_ff == 1024
     assert cfg.train.batch_size == 16 and cfg.train.epochs == 75 and cfg.train.folds == 10
+    assert cfg.train.bf16 == "auto" and cfg.train.channels_last == "auto"  # the fast variant where it is fast
 
 
 def test_error_weights_hand_computed():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from nucleic.config import load_config, with_settings
@@ -68,3 +69,17 @@ def test_changed_semi_settings_retrain_from_scratch(tmp_path, capsys):
     _claim_model_dir(cfg, False, {"semi": {"finetune_epochs": 2}, "pseudo_labels": "abd"})
     assert not (folder / "fold0").exists() and "retraining from scratch" in capsys.readouterr().out
     assert json.loads((model_dir(cfg) / "settings.json").read_text())["pseudo_labels"] == "abd"
+
+
+def test_phase_two_starts_where_semi_phase2_from_says(tmp_path):
+    """best: phase 1's validated model.pt (the file stage 03 and the OOF use); last: its last epoch's
+    checkpoint, which train_fold loads like any start (a "model" entry); anything else: one clear error."""
+    from nucleic.semi_supervised import phase2_start
+    from nucleic.stage import InputError
+
+    cfg = load_config("smoke")
+    assert cfg.semi.phase2_from == "best"
+    assert phase2_start(cfg.semi, tmp_path) == tmp_path / "model.pt"
+    assert phase2_start(with_settings(cfg, **{"semi.phase2_from": "last"}).semi, tmp_path) == tmp_path / "last.pt"
+    with pytest.raises(InputError, match="must be best or last"):
+        phase2_start(with_settings(cfg, **{"semi.phase2_from": "first"}).semi, tmp_path)

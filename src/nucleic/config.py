@@ -100,7 +100,7 @@ KINDS = {
     "download.kaggle_command": "str?", "download.min_signal_to_noise": "number?", "download.timeout_s": "number",
     "train.grad_clip": "number?", "pretrain.grad_clip": "number?", "train.init_weights": "str?", "train.val_structures": "int?",
     "train.column_weights": "list?", "train.only_folds": "list?",
-    "cluster.address": "str?", "cluster.local_workers": "int?", "train.bf16": "bool|auto",
+    "cluster.address": "str?", "cluster.local_workers": "int?", "train.bf16": "bool|auto", "train.channels_last": "bool|auto",
     "*.kmer_branch": "dict?", "*.pos_weight": "number|balanced", "*.negatives_per_positive": "number?", "*.max_rows": "int?",
 }
 MINIMA = {"cluster.local_workers": 1, "train.folds": 2, "train.epochs": 0, "train.batch_size": 1, "train.eval_batch_size": 1,

@@ -93,17 +93,23 @@ def token_inputs(data: RNATensors, indices: np.ndarray, slots: np.ndarray) -> di
     }
 
 
+def use_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """A train.channels_last setting on `device`: true, false, or auto (on a CPU only)."""
+    return setting is True or (setting == "auto" and device.type == "cpu")
+
+
 def collate(data: RNATensors, indices: np.ndarray, slots: np.ndarray, device: torch.device,
-            with_labels: bool = False, channels_last: bool = False) -> dict[str, torch.Tensor]:
+            with_labels: bool = False, channels_last: bool | str = False) -> dict[str, torch.Tensor]:
     """Model inputs for samples `indices`, each with structure prediction `slots[i]`.
 
-    channels_last lays the (B, 4, L, L) pair features out for faster 2-D convolutions on CPU.
+    channels_last (true, false, or auto: on a CPU only) lays the (B, 4, L, L) pair features out for
+    faster 2-D convolutions on CPU; on a GPU it slows them (README, "On a GPU").
     """
     bpp = np.stack([data.bpp[i][s] for i, s in zip(indices, slots)])
     batch = {**token_inputs(data, indices, slots), "pair_features": torch.from_numpy(pair_features(bpp))}
     if with_labels:
         batch["targets"] = torch.from_numpy(np.stack([data.targets[i] for i in indices]))
         batch["errors"] = torch.from_numpy(np.stack([data.errors[i] for i in indices]))
-    if channels_last:
+    if use_channels_last(channels_last, device):
         batch["pair_features"] = batch["pair_features"].contiguous(memory_format=torch.channels_last)
     return {k: to_device(v, device) for k, v in batch.items()}

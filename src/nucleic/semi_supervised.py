@@ -204,6 +204,16 @@ def semi_start(cfg: Config, fold: int) -> Path | None:
     raise InputError("semi.start", f"must be supervised or pretrained, not {cfg.semi.start!r}")
 
 
+def phase2_start(semi: Config, phase1_dir: Path) -> Path:
+    """Phase 2's starting weights: phase 1's validated model (semi.phase2_from best; it can be phase 1's
+    own start) or its last epoch (last: the paper's order, no validation between the phases)."""
+    if semi.phase2_from == "best":
+        return final_model_path(phase1_dir)
+    if semi.phase2_from == "last":
+        return phase1_dir / "last.pt"
+    raise InputError("semi.phase2_from", f"must be best or last, not {semi.phase2_from!r}")
+
+
 def semi_supervised_fold(cfg: Config, semi: Config, fold: int, data: RNATensors, test: RNATensors,
                          folds: np.ndarray, device) -> dict:
     """Phase 1: flat LR on the training fold (+ every pseudo-labelled row when semi.phase1_pseudo);
@@ -222,7 +232,7 @@ def semi_supervised_fold(cfg: Config, semi: Config, fold: int, data: RNATensors,
     start = semi_start(cfg, fold)
     if s.pseudo_epochs > 0:
         train_fold(phase1, combined, fold, phase1_rows, val_idx, first, device, start)
-        start = final_model_path(first)
+        start = phase2_start(s, first)
     sampled = (pseudo_idx, int(round(s.phase2_pseudo_ratio * len(train_idx)))) if s.phase2_pseudo_ratio else None
     return train_fold(phase2, combined, fold, train_idx, val_idx, folder, device, start, sampled=sampled)
 

@@ -39,7 +39,10 @@ def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
 
     Why: on CPU, torch's dropout draws one random number per element (bernoulli_), and that was a
     quarter of a Nucleic Transformer training step (attention weights are B x heads x L x L); a quarter
-    of the draws makes the mask about 4x cheaper."""
+    of the draws makes the mask about 4x cheaper. Inside torch.compile, whose generated kernels draw
+    their own random numbers where they use them, a plain uniform draw."""
+    if torch.compiler.is_compiling():
+        return torch.rand(shape, device=device) < p
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
     return words.view(torch.int16)[:n].view(shape) < round(p * 65536) - 32768
@@ -149,28 +152,54 @@ class ScaledPointwiseConv(nn.Conv2d):
         return F.conv2d(x, gamma * self.weight, gamma * self.bias)
 
 
+class KmerConv(nn.Conv1d):
+    """Nucleotides (B, L, d) -> k-mers (B, L - k + 1, d): a Conv1d (same weights) computed as one matrix
+    product over the k stacked neighbours, with no transposes to and from (B, d, L)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, channels = x.shape
+        k = self.kernel_size[0]
+        windows = x.unfold(1, k, 1).reshape(batch, length - k + 1, channels * k)  # index c * k + i
+        return F.linear(windows, self.weight.reshape(self.out_channels, -1), self.bias)
+
+
+class KmerDeconv(nn.ConvTranspose1d):
+    """k-mers (B, L', d) -> nucleotides (B, L' + k - 1, d): a ConvTranspose1d (same weights) computed as one
+    matrix product to k outputs per k-mer, then k shifted adds."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, kmers, _ = x.shape
+        k = self.kernel_size[0]
+        spread = F.linear(x, self.weight.permute(2, 1, 0).reshape(k * self.out_channels, -1))
+        spread = spread.view(batch, kmers, k, self.out_channels)
+        out = self.bias.to(spread.dtype).expand(batch, kmers + k - 1, self.out_channels).clone()
+        for i in range(k):
+            out[:, i:i + kmers] += spread[:, :, i]
+        return out
+
+
 class NucleicTransformerLayer(nn.Module):
     """One single-layer Nucleic Transformer with k-mer size k (Fig. 3)."""
 
     def __init__(self, cfg: NTConfig, k: int):
         super().__init__()
         d, c = cfg.d_model, cfg.pair_channels
-        self.kmer_conv = nn.Conv1d(d, d, k)
+        self.kmer_conv = KmerConv(d, d, k)
         self.kmer_norm = nn.LayerNorm(d)
         self.pair_conv = nn.Conv2d(c, c, k)  # nucleotide pairs -> k-mer pairs
         self.pair_to_bias = ScaledPointwiseConv(c, cfg.nhead)
         self.gamma = nn.Parameter(torch.ones(1))
         self.encoder = EncoderBlock(d, cfg.nhead, cfg.dim_ff, cfg.dropout)
-        self.deconv = nn.ConvTranspose1d(d, d, k)  # k-mers -> nucleotides
+        self.deconv = KmerDeconv(d, d, k)
         self.pair_deconv = nn.ConvTranspose2d(c, c, k)
         self.out_norm = nn.LayerNorm(d)
 
     def forward(self, x: torch.Tensor, pair: torch.Tensor, need_weights: bool = False):
-        kmers = self.kmer_norm(self.kmer_conv(x.transpose(1, 2)).transpose(1, 2))
+        kmers = self.kmer_norm(self.kmer_conv(x))
         kmer_pairs = F.relu(self.pair_conv(pair))
         bias = self.pair_to_bias(kmer_pairs, self.gamma)
         kmers, weights = self.encoder(kmers, bias, need_weights)
-        x = self.out_norm(x + self.deconv(kmers.transpose(1, 2)).transpose(1, 2))
+        x = self.out_norm(x + self.deconv(kmers))
         pair = pair + self.pair_deconv(kmer_pairs)
         return x, pair, weights
 
