@@ -45,20 +45,27 @@ def clock(device=CPU) -> float:
     return time.perf_counter()
 
 
-def train_rate(model, cfg, batch, length, bf16, channels_last, steps, device=CPU) -> float:
-    optimizer = make_optimizer(model, cfg.train)
+def training_step(model, optimizer, batch, length, bf16, channels_last, device=CPU):
+    """A function running one training step on fixed synthetic inputs and labels; it returns the
+    seconds its optimizer step took."""
     x = inputs(batch, length, channels_last, device)
     target, errors = torch.rand(batch, 68, 5, device=device), torch.rand(batch, 68, 5, device=device) * 0.2
-    model.train()
 
-    def step():
+    def step() -> float:
         with autocast(device, bf16):
             pred = model(**x)[:, :68].float()
         loss = error_weighted_mse(pred, target, errors)
         optimizer.zero_grad()
         loss.backward()
+        start = time.perf_counter()
         optimizer.step()
+        return time.perf_counter() - start
+    return step
 
+
+def train_rate(model, cfg, batch, length, bf16, channels_last, steps, device=CPU) -> float:
+    model.train()
+    step = training_step(model, make_optimizer(model, cfg.train), batch, length, bf16, channels_last, device)
     step()  # warm-up (and compilation)
     start = clock(device)
     for _ in range(steps):
@@ -140,27 +147,12 @@ def profile_split(cfg, batch: int, length: int, bf16: bool, channels_last: bool,
     (the parts leave out autograd's glue between modules and the loss)."""
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
-    optimizer = make_optimizer(model, cfg.train)
-    x = inputs(batch, length, channels_last)
-    target, errors = torch.rand(batch, 68, 5), torch.rand(batch, 68, 5) * 0.2
-    optimizer_s = []
-
-    def step():
-        with autocast(CPU, bf16):
-            pred = model(**x)[:, :68].float()
-        loss = error_weighted_mse(pred, target, errors)
-        optimizer.zero_grad()
-        loss.backward()
-        start = time.perf_counter()
-        optimizer.step()
-        optimizer_s.append(time.perf_counter() - start)
-
-    step()
+    step = training_step(model, make_optimizer(model, cfg.train), batch, length, bf16, channels_last)
+    optimizer_s = [step()]
     with warnings.catch_warnings():  # the first modules' inputs need no gradient: timed from their outputs'
         warnings.simplefilter("ignore", UserWarning)
         totals, hooks = part_timers(model, backward=True)
-        for _ in range(repeats):
-            step()
+        optimizer_s += [step() for _ in range(repeats)]
     for hook in hooks:
         hook.remove()
     split = {name: 1e3 * seconds / repeats for name, seconds in totals.items()}

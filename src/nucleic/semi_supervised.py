@@ -229,10 +229,10 @@ def semi_supervised_fold(cfg: Config, semi: Config, fold: int, data: RNATensors,
     phase2 = with_settings(semi, **{"train.epochs": s.finetune_epochs, "train.flat_fraction": 0.0})
     first = folder / "pseudo_phase"
     phase1_rows = np.concatenate([train_idx, pseudo_idx]) if s.phase1_pseudo else train_idx
-    start = semi_start(cfg, fold)
+    start, after_phase1 = semi_start(cfg, fold), phase2_start(s, first)  # a bad setting fails before training
     if s.pseudo_epochs > 0:
         train_fold(phase1, combined, fold, phase1_rows, val_idx, first, device, start)
-        start = phase2_start(s, first)
+        start = after_phase1
     sampled = (pseudo_idx, int(round(s.phase2_pseudo_ratio * len(train_idx)))) if s.phase2_pseudo_ratio else None
     return train_fold(phase2, combined, fold, train_idx, val_idx, folder, device, start, sampled=sampled)
 
