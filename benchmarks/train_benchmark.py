@@ -248,7 +248,7 @@ def main() -> None:
             model = build_model(cfg.model).to(device)
             if compiled:  # one graph per layer (5 kernel sizes) x train/eval x length: more than dynamo's default 8
                 torch._dynamo.config.recompile_limit = 64
-                model = torch.compile(model)
+                model = torch.compile(model, dynamic=False)  # one graph per shape, as predict() compiles
             try:
                 train = None if int8 else train_rate(model, cfg, batch, 107, bf16, channels_last, args.steps, device)
                 if int8:

@@ -164,6 +164,7 @@ def test_paper_preset_builds_the_paper_model():
     assert model.cfg.d_model == 256 and model.cfg.nhead == 32 and model.cfg.dim_ff == 1024
     assert cfg.train.batch_size == 16 and cfg.train.epochs == 75 and cfg.train.folds == 10
     assert cfg.train.bf16 == "auto" and cfg.train.channels_last == "auto"  # the fast variant where it is fast
+    assert cfg.train.compile_inference and not load_config("cpu").train.compile_inference
 
 
 def test_error_weights_hand_computed():

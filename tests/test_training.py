@@ -108,6 +108,34 @@ def test_a_fast_path_keeps_the_oof_score(fast_path, folded_workspace, trained_wo
     assert abs(fast["mcrmse_scored"] - plain["mcrmse_scored"]) < 0.001, (fast["mcrmse_scored"], plain["mcrmse_scored"])
 
 
+def test_compiled_inference_keeps_the_oof_score_and_follows_the_weights(trained_workspace):
+    """train.compile_inference: fold 0's OOF rows predicted through torch.compile score within 0.001 of
+    eager fp32; the compiled graph reads the live weights (a later load_state_dict, as training and the
+    averaged checkpoint do, changes its output as it changes eager's), and nothing new is saved."""
+    from nucleic.config import load_config, with_settings
+    from nucleic.openvaccine import fold_indices, load_training_data
+    from nucleic.train import build_model, predict, score_rows
+
+    cfg = load_config("smoke", overrides=[f"paths.{k}={trained_workspace / k}" for k in ("input", "work",
+                                                                                        "structures", "oof")])
+    _, data, folds = load_training_data(cfg)
+    rows = fold_indices(cfg, data, folds, 0)[1]
+    rows = rows[data.sn_filter[rows] == 1]
+    cpu, eager_tc = torch.device("cpu"), with_settings(cfg, **{"train.compile_inference": False}).train
+    compiled_tc = with_settings(cfg, **{"train.compile_inference": True}).train
+    fold_dir = trained_workspace / "work" / "smoke" / "models" / "nt"
+    model = build_model(cfg.model)
+    keys = set(model.state_dict())
+    for checkpoint in ("fold0/model.pt", "fold1/model.pt"):  # the second: new weights, same compiled graph
+        model.load_state_dict(torch.load(fold_dir / checkpoint, weights_only=True)["model"])
+        eager = predict(model, data, rows, cpu, eager_tc)
+        compiled = predict(model, data, rows, cpu, compiled_tc)
+        assert all(np.allclose(compiled[i], eager[i], atol=1e-4) for i in rows), checkpoint
+        scores = [score_rows(data, p, rows)["mcrmse_scored"] for p in (eager, compiled)]
+        assert abs(scores[0] - scores[1]) < 0.001, (checkpoint, scores)
+    assert "_compiled_for_inference" in model.__dict__ and set(model.state_dict()) == keys
+
+
 def test_killed_fold_resumes_to_the_same_result(folded_workspace, trained_workspace, tmp_path):
     workspace = copy_of(folded_workspace, tmp_path / "killed")
     last = workspace / "work" / "smoke" / "models" / "nt" / "fold1" / "last.pt"

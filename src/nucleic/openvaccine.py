@@ -53,7 +53,8 @@ def model_dir(cfg: Config) -> Path:
 def training_settings(cfg: Config) -> dict:
     settings = {"model": dict(cfg.model), "seed": cfg.seed,
                 "train": {k: v for k, v in dict(cfg.train).items()
-                          if k not in ("device", "threads", "eval_batch_size", "channels_last", "only_folds")},
+                          if k not in ("device", "threads", "eval_batch_size", "channels_last", "only_folds",
+                                       "compile_inference")},
                 "fold": {k: v for k, v in dict(cfg.fold).items() if k != "n_jobs"}}
     if cfg.pretrain.enabled:
         settings["pretrain"] = dict(cfg.pretrain)

@@ -42,6 +42,7 @@ def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, de
     """
     model.eval()
     bf16, channels_last = tc.bf16, tc.channels_last
+    runner = compiled_for_inference(model) if tc.compile_inference else model
     slots = list(range(data.n_slots)) if slots is None else list(slots)
     per_batch = max(1, tc.eval_batch_size // len(slots))
     out = {}
@@ -49,7 +50,7 @@ def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, de
         repeated = np.repeat(batch, len(slots))
         inputs = collate(data, repeated, np.tile(slots, len(batch)), device, channels_last=channels_last)
         with autocast(device, bf16):
-            pred = model(**inputs).float()
+            pred = runner(**inputs).float()
         pred = pred.view(len(batch), len(slots), *pred.shape[1:])
         if moments:
             pred = torch.stack([pred.mean(dim=1), pred.std(dim=1, unbiased=False)], dim=1)
@@ -57,6 +58,18 @@ def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, de
             pred = pred.mean(dim=1)
         out.update(zip(batch.tolist(), pred.cpu().numpy()))
     return out
+
+
+def compiled_for_inference(model: NucleicTransformer) -> torch.nn.Module:
+    """`model` under torch.compile for predict(), made once per model object. Static shapes: one graph
+    per (passes, length) of a batch, compiled once each (about 30 s on a CPU) and then reused from
+    inductor's on-disk cache, also by the other folds' models (the weights are graph inputs)."""
+    compiled = model.__dict__.get("_compiled_for_inference")
+    if compiled is None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        compiled = torch.compile(model, dynamic=False)
+        model.__dict__["_compiled_for_inference"] = compiled  # a plain attribute: not a submodule, not saved
+    return compiled
 
 
 def validation_slots(tc, n_slots: int) -> list[int]:
