@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,6 +12,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: N workers share the cores, so each (and every stage it starts) computes on one thread;
+    # two torch jobs of 2 threads each on 2 cores wait on each other and run many times slower
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = "1"
 
 
 def find_data_dir() -> Path | None:
@@ -109,14 +116,35 @@ def isolated(workspace: Path) -> list[str]:
     return sets
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """A session fixture's value, build(empty folder), made once per test run: here, or under pytest -n by
+    the first worker that needs it while the others wait and then share it (read-only: tests copy it).
+    Two workers building the smoke pipeline side by side would each take twice as long."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, common to its workers
+    saved = shared / f"{name}.pickle"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not saved.exists():
+            folder = shared / f"{name}_{worker}"  # a failed build leaves its folder; a retry takes its own
+            folder.mkdir()
+            saved.write_bytes(pickle.dumps(build(folder)))
+    return pickle.loads(saved.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def folded_workspace(data_dir, tmp_path_factory):
-    """Stages 00 and 01 (smoke) done once per test session; tests copy it (copy_of)."""
-    workspace = tmp_path_factory.mktemp("folded")
-    args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace)]
-    assert load_kernel("00_prepare_input").main(args) == 0
-    assert load_kernel("01_fold_structures").main(args) == 0
-    return workspace
+    """Stages 00 and 01 (smoke) done once per test run; tests copy it (copy_of)."""
+    def build(workspace):
+        args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace)]
+        assert load_kernel("00_prepare_input").main(args) == 0
+        assert load_kernel("01_fold_structures").main(args) == 0
+        return workspace
+
+    return built_once(tmp_path_factory, "folded", build)
 
 
 def copy_of(workspace: Path, target: Path) -> Path:
@@ -144,12 +172,14 @@ def run_all(workspace: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def smoke_run(data_dir, tmp_path_factory):
-    """The whole smoke pipeline, run once per test session: (workspace, run_all.sh's result). Tests that
-    change files work on relocated_copy(workspace, ...)."""
-    workspace = tmp_path_factory.mktemp("run_all")
-    result = run_all(workspace, "--data-dir", str(data_dir))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return workspace, result
+    """The whole smoke pipeline, run once per test run: (workspace, run_all.sh's result). Read-only: tests
+    that change files work on relocated_copy(workspace, ...)."""
+    def build(workspace):
+        result = run_all(workspace, "--data-dir", str(data_dir))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return workspace, result
+
+    return built_once(tmp_path_factory, "run_all", build)
 
 
 def relocated_copy(workspace: Path, target: Path) -> Path:

@@ -121,8 +121,8 @@ def test_depth_models_and_semi_supervised_folds_on_a_local_dask_cluster(smoke_ru
     assert abs(scores[0] - scores[1]) < 1e-3, scores
 
 
-def test_rerun_skips_and_resumes_only_what_is_missing(smoke_run, data_dir):
-    workspace, _ = smoke_run
+def test_rerun_skips_and_resumes_only_what_is_missing(smoke_run, data_dir, tmp_path):
+    workspace = relocated_copy(smoke_run[0], tmp_path / "rerun")
     again = run_all(workspace, "--data-dir", str(data_dir))
     assert again.returncode == 0 and status(again.stdout) == {stage: "skipped" for stage in STAGES}
     (workspace / "submissions" / "nt_semi.csv").unlink()
