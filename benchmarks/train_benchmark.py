@@ -23,7 +23,7 @@ from nucleic.config import load_config
 from nucleic.dataset import RNATensors, collate, use_channels_last
 from nucleic.engine import autocast, make_optimizer, native_bf16, use_bf16
 from nucleic.losses import error_weighted_mse
-from nucleic.train import build_model
+from nucleic.train import build_model, compile_model
 
 N_STRUCTURES = 12
 CPU = torch.device("cpu")
@@ -246,9 +246,8 @@ def main() -> None:
             torch.set_num_threads(threads)
             torch.manual_seed(0)
             model = build_model(cfg.model).to(device)
-            if compiled:  # one graph per layer (5 kernel sizes) x train/eval x length: more than dynamo's default 8
-                torch._dynamo.config.recompile_limit = 64
-                model = torch.compile(model, dynamic=False)  # one graph per shape, as predict() compiles
+            if compiled:
+                model = compile_model(model)  # as predict() compiles (train.compile_inference)
             try:
                 train = None if int8 else train_rate(model, cfg, batch, 107, bf16, channels_last, args.steps, device)
                 if int8:

@@ -60,14 +60,20 @@ def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, de
     return out
 
 
+def compile_model(model: NucleicTransformer) -> torch.nn.Module:
+    """torch.compile with static shapes: one graph per input shape, compiled once each (about 30 s on a
+    CPU) and then reused from inductor's on-disk cache, also by other models of the same config (the
+    weights are graph inputs). One graph per layer (kernel sizes) x train/eval x shape is more than
+    dynamo's default recompile limit of 8."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(model, dynamic=False)
+
+
 def compiled_for_inference(model: NucleicTransformer) -> torch.nn.Module:
-    """`model` under torch.compile for predict(), made once per model object. Static shapes: one graph
-    per (passes, length) of a batch, compiled once each (about 30 s on a CPU) and then reused from
-    inductor's on-disk cache, also by the other folds' models (the weights are graph inputs)."""
+    """compile_model(model) for predict(), made once per model object."""
     compiled = model.__dict__.get("_compiled_for_inference")
     if compiled is None:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        compiled = torch.compile(model, dynamic=False)
+        compiled = compile_model(model)
         model.__dict__["_compiled_for_inference"] = compiled  # a plain attribute: not a submodule, not saved
     return compiled
 
