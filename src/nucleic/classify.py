@@ -197,3 +197,53 @@ def kmer_frequencies(sequences: list[str], ks: tuple[int, ...]) -> np.ndarray:
             rows.append(np.bincount(index, minlength=4 ** k).astype(np.float32) / len(index))
         blocks.append(np.stack(rows))
     return np.concatenate(blocks, axis=1)
+
+
+FOREST_GLOBALS = ("length", "gc", "mfe")
+
+
+def forest_spec(settings) -> dict:
+    """The random forest's feature settings from a config section or a saved forest: ks (k-mer sizes),
+    ends (nucleotides read at each end), globals (any of FOREST_GLOBALS). Missing keys mean none, as in
+    forests saved before ends and globals existed."""
+    spec = {"ks": [int(k) for k in settings["ks"]], "ends": int(settings.get("ends") or 0),
+            "globals": list(settings.get("globals") or [])}
+    unknown = set(spec["globals"]) - set(FOREST_GLOBALS)
+    if unknown:
+        raise ValueError(f"rf.globals: unknown {sorted(unknown)}; choose from {list(FOREST_GLOBALS)}")
+    return spec
+
+
+def forest_features(sequences: list[str], spec: dict) -> np.ndarray:
+    """One row per sequence: k-mer frequencies for each k in spec["ks"]; the one-hot nucleotides of the
+    first and last spec["ends"] positions (a mirtron's ends are its intron's splice sites, GU...AG); then
+    spec["globals"]: length, GC content, ViennaRNA minimum free energy (Turner 2004, 37 C) in total and
+    per nucleotide (how stable the hairpin is)."""
+    blocks = [kmer_frequencies(sequences, tuple(spec["ks"]))]
+    if spec["ends"]:
+        blocks.append(end_nucleotides(sequences, spec["ends"]))
+    lengths = np.array([len(s) for s in sequences], dtype=np.float32)
+    for name in spec["globals"]:
+        if name == "length":
+            blocks.append(lengths[:, None])
+        elif name == "gc":
+            blocks.append(np.array([[(s.count("G") + s.count("C")) / max(len(s), 1)] for s in sequences],
+                                   dtype=np.float32))
+        else:
+            from .folding import ViennaSource
+
+            energies = ViennaSource("Turner2004").free_energies(sequences)
+            blocks.append(np.stack([energies, energies / np.maximum(lengths, 1)], axis=1))
+    return np.concatenate(blocks, axis=1)
+
+
+def end_nucleotides(sequences: list[str], n: int) -> np.ndarray:
+    """(N, 2 n 4): the one-hot nucleotide at each of the first n and the last n positions; positions a
+    sequence shorter than n does not reach stay zero."""
+    out = np.zeros((len(sequences), 2 * n, 4), dtype=np.float32)
+    for row, sequence in enumerate(sequences):
+        codes = tokenize(sequence, DNA_ALPHABET) - 1
+        head, tail = codes[:n], codes[-n:][::-1]  # the tail read from the last nucleotide inward
+        out[row, np.arange(len(head)), head] = 1
+        out[row, n + np.arange(len(tail)), tail] = 1
+    return out.reshape(len(sequences), -1)

@@ -202,7 +202,7 @@ def git_commit() -> str:
 
 
 def stage_argparser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=os.environ.get("NT_PRESET", DEFAULT_PRESET),
                         help=f"config preset from configs/ (default: {DEFAULT_PRESET})")
     parser.add_argument("--data-dir", default=None,

@@ -11,7 +11,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .classify import encode_sequences, fit_classifier, model_settings, predict_proba, save_classifier
+from .classify import (
+    encode_sequences,
+    fit_classifier,
+    forest_features,
+    forest_spec,
+    model_settings,
+    predict_proba,
+    save_classifier,
+)
 from .config import Config, Paths
 from .dna_data import read_mirna, read_promoter, read_viral
 from .engine import setup_device
@@ -45,6 +53,10 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
     for fold, (train_idx, val_idx) in enumerate(cv_splits(labels, task_cfg.folds, cfg.seed)):
         cache = work / f"fold{fold}.pkl"
         result = read_cache(cache)
+        if result is None and kind == "rf":  # no epochs to choose: the forest learns from every training row
+            probs, = fit_forest_and_score(cfg, task_cfg, frame, train_idx, [val_idx], cache.with_suffix(weights_suffix("rf")))
+            result = {"probs": probs, "history": [], "motifs": {}}
+            write_pickle(cache, result)
         if result is None:
             fit_idx, watch_idx = stratified_split(train_idx, labels, task_cfg.validation_fraction, cfg.seed + fold)
             model, history = fit_classifier(kind, model_settings(task_cfg, kind), task_cfg, tokens[fit_idx],
@@ -203,9 +215,7 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
         labels = frame.label.to_numpy()
         scored = [test_idx] if val_idx is None else [test_idx, val_idx]
         if kind == "rf":
-            forest = fit_random_forest(cfg, task_cfg, frame, train_idx)
-            save_random_forest(cache.with_suffix(weights_suffix(kind)), forest, task_cfg.rf.ks)
-            probs = [random_forest_proba(forest, task_cfg.rf.ks, list(frame.sequence.iloc[rows])) for rows in scored]
+            probs = fit_forest_and_score(cfg, task_cfg, frame, train_idx, scored, cache.with_suffix(weights_suffix("rf")))
             history = []
         else:
             tokens = encode_sequences(list(frame.sequence))
@@ -223,31 +233,36 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
     return {**result, "metrics": binary_classification_metrics(frame.label.to_numpy()[test_idx], result["probs"])}
 
 
+def fit_forest_and_score(cfg: Config, task_cfg, frame: pd.DataFrame, train_idx, scored: list,
+                         weights: Path) -> list[np.ndarray]:
+    """The random forest fitted on train_idx and saved to `weights`: its probabilities of each row set in scored."""
+    forest, spec = fit_random_forest(cfg, task_cfg, frame, train_idx), forest_spec(task_cfg.rf)
+    save_random_forest(weights, forest, spec)
+    return [random_forest_proba(forest, spec, list(frame.sequence.iloc[rows])) for rows in scored]
+
+
 def fit_random_forest(cfg: Config, task_cfg, frame: pd.DataFrame, train_idx):
+    """A random forest on forest_features (task_cfg.rf: ks, ends, globals, trees) of the train_idx rows."""
     from sklearn.ensemble import RandomForestClassifier
 
-    from .classify import kmer_frequencies
-
-    features = kmer_frequencies(list(frame.sequence.iloc[train_idx]), tuple(task_cfg.rf.ks))
+    features = forest_features(list(frame.sequence.iloc[train_idx]), forest_spec(task_cfg.rf))
     forest = RandomForestClassifier(n_estimators=task_cfg.rf.trees, class_weight="balanced_subsample",
                                     n_jobs=-1, random_state=cfg.seed)
     return forest.fit(features, frame.label.to_numpy()[train_idx])
 
 
-def random_forest_proba(forest, ks, sequences: list[str]) -> np.ndarray:
-    from .classify import kmer_frequencies
-
-    return forest.predict_proba(kmer_frequencies(sequences, tuple(ks)))[:, 1]
+def random_forest_proba(forest, spec: dict, sequences: list[str]) -> np.ndarray:
+    return forest.predict_proba(forest_features(sequences, forest_spec(spec)))[:, 1]
 
 
-def save_random_forest(path: Path, forest, ks) -> None:
-    """The forest and its k-mer sizes, with joblib (the predict command loads it)."""
+def save_random_forest(path: Path, forest, spec: dict) -> None:
+    """The forest and its feature settings (forest_spec), with joblib (the predict command loads it)."""
     import joblib
 
     from .io_utils import atomic_path
 
     with atomic_path(path) as tmp:
-        joblib.dump({"kind": "rf", "ks": list(ks), "forest": forest}, tmp)
+        joblib.dump({"kind": "rf", **forest_spec(spec), "forest": forest}, tmp)
 
 
 def choose_blend(labels: np.ndarray, val_probs: dict[str, np.ndarray],
@@ -407,10 +422,11 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
         test_probs[kind], cv_probs[kind], folds = split["probs"], cv["probabilities"], cv["folds"]
         confusion = paths.figures / f"mirna_confusion_{kind}.png"
         plot_confusion(confusion, f"mirtron vs canonical ({kind}), 30 % test", labels[test_idx], split["probs"])
-        curves = paths.figures / f"mirna_learning_curves_{kind}.png"
-        plot_classifier_learning_curves(curves, f"mirna {kind}: {mc.folds}-fold CV (validation AUC)",
-                                        cv["histories"])
-        figures += [confusion, curves]
+        figures.append(confusion)
+        if kind != "rf":  # a forest has no epochs
+            figures.append(paths.figures / f"mirna_learning_curves_{kind}.png")
+            plot_classifier_learning_curves(figures[-1], f"mirna {kind}: {mc.folds}-fold CV (validation AUC)",
+                                            cv["histories"])
     served, served_auc = choose_blend(labels[train_idx], {k: p[train_idx] for k, p in cv_probs.items()})
     served_test = np.mean([test_probs[k] for k in served], axis=0)
     served_cv = np.mean([cv_probs[k] for k in served], axis=0)

@@ -31,6 +31,9 @@ def _package_version(name: str) -> str:
         return "not installed"
 
 
+_FREE_ENERGIES: dict[tuple, float] = {}  # ((parameter set, salt, temperature), sequence) -> kcal/mol
+
+
 class ViennaSource:
     """ViennaRNA partition function with one of its bundled energy parameter sets; MFE structure."""
 
@@ -44,7 +47,8 @@ class ViennaSource:
     def version(self) -> str:
         return f"viennarna {_package_version('viennarna')} {self.parameter_set} salt={self.salt_molar}"
 
-    def fold(self, sequences: list[str], temperature: float) -> list[Prediction]:
+    def model_details(self, temperature: float):
+        """ViennaRNA's model settings with this source's energy set loaded (a process-wide setting)."""
         import RNA
 
         getattr(RNA, f"params_load_RNA_{self.parameter_set}")()
@@ -53,6 +57,26 @@ class ViennaSource:
         if self.salt_molar is not None:
             model.salt = self.salt_molar
         _forget_cached_energies(RNA, model)
+        return model
+
+    def free_energies(self, sequences: list[str], temperature: float = BODY_TEMPERATURE) -> np.ndarray:
+        """The minimum free energy (kcal/mol) of each sequence; T read as U. Each sequence is folded once
+        per process (CV refits a forest on the same hairpins fold after fold)."""
+        import RNA
+
+        settings = (self.parameter_set, self.salt_molar, temperature)
+        rna = [s.upper().replace("T", "U") for s in sequences]
+        missing = sorted({s for s in rna if (settings, s) not in _FREE_ENERGIES})
+        if missing:
+            model = self.model_details(temperature)
+            for sequence in missing:
+                _FREE_ENERGIES[settings, sequence] = RNA.fold_compound(sequence, model).mfe()[1]
+        return np.array([_FREE_ENERGIES[settings, s] for s in rna], dtype=np.float32)
+
+    def fold(self, sequences: list[str], temperature: float) -> list[Prediction]:
+        import RNA
+
+        model = self.model_details(temperature)
         predictions = []
         for sequence in sequences:
             compound = RNA.fold_compound(sequence, model)

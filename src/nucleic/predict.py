@@ -93,7 +93,7 @@ def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFra
 
 def predict_classifier(cfg, records, weights: list[Path], path: Path, device) -> pd.DataFrame:
     """The mean probability of every given model: networks (.pt, stages 10-12) and random forests
-    (.joblib, stage 11). Sequences may be as long as the shortest length a network was trained on."""
+    (.joblib, stages 11 and 12). Sequences may be as long as the shortest length a network was trained on."""
     from .classify import encode_sequences, load_classifier, predict_proba
     from .dna_data import DNA_ALPHABET
     from .dna_tasks import is_random_forest, random_forest_proba
@@ -104,7 +104,7 @@ def predict_classifier(cfg, records, weights: list[Path], path: Path, device) ->
     length = min((trained for _, trained in models), default=MAX_DNA_LENGTH)
     cleaned = clean_records(records, path, DNA_ALPHABET, length)
     sequences = [s for _, s in cleaned]
-    probabilities = [random_forest_proba(forest["forest"], forest["ks"], sequences) for forest in forests]
+    probabilities = [random_forest_proba(forest["forest"], forest, sequences) for forest in forests]
     if models:
         tokens = encode_sequences(sequences, length)
         reads_structure = any(getattr(model, "structure", False) for model, _ in models)
@@ -115,8 +115,8 @@ def predict_classifier(cfg, records, weights: list[Path], path: Path, device) ->
 
 
 def load_random_forest(path: Path) -> dict:
-    """A forest written by stage 11 ({"kind": "rf", "ks", "forest"}). joblib files are pickles: load
-    only ones you trust (your own runs)."""
+    """A forest written by stage 11 or 12 ({"kind": "rf", its forest_spec, "forest"}). joblib files are
+    pickles: load only ones you trust (your own runs)."""
     import joblib
 
     if not path.exists():
@@ -124,9 +124,9 @@ def load_random_forest(path: Path) -> dict:
     try:
         saved = joblib.load(path)
     except Exception as err:  # a truncated or foreign file: one line, not a traceback
-        raise InputError(path, f"not a random forest written by stage 11 ({type(err).__name__})") from None
-    if not isinstance(saved, dict) or saved.get("kind") != "rf":
-        raise InputError(path, "not a random forest written by stage 11")
+        raise InputError(path, f"not a random forest written by stage 11 or 12 ({type(err).__name__})") from None
+    if not isinstance(saved, dict) or saved.get("kind") != "rf" or "ks" not in saved:
+        raise InputError(path, "not a random forest written by stage 11 or 12")
     return saved
 
 
@@ -147,9 +147,11 @@ def default_weights(cfg, task: str) -> list[Path]:
         found = found if all(path.exists() for path in found) else []
         stage = "11_viral"
     else:
+        from .dna_tasks import weights_suffix
+
         metrics = Paths(cfg).oof / "mirna_metrics.json"
         served = json.loads(metrics.read_text())["served"]["models"] if metrics.exists() else []
-        found = [run / "mirna" / f"paper_{kind}.pt" for kind in served]
+        found = [run / "mirna" / f"paper_{kind}{weights_suffix(kind)}" for kind in served]
         found = found if found and all(path.exists() for path in found) else []
         stage = "12_mirna"
     if not found:
