@@ -16,9 +16,9 @@ from nucleic.config import Config, Paths, parse_stage_args
 from nucleic.dna_data import read_mirna
 from nucleic.dna_tasks import (
     cv_splits,
-    fit_random_forest,
+    feature_model_proba,
+    fit_feature_model,
     per_fold_mean,
-    random_forest_proba,
     stratified_split,
     stratified_subset,
     task_input,
@@ -42,13 +42,13 @@ def score_variant(cfg: Config, frame, ends: int, globals_: list[str]) -> dict:
     task_cfg = Config({**mc, "rf": {**mc.rf, "ends": ends, "globals": globals_}})
     labels, sequences = frame.label.to_numpy(), list(frame.sequence)
     train_idx, test_idx = stratified_split(np.arange(len(frame)), labels, 0.3, cfg.seed)
-    paper = random_forest_proba(fit_random_forest(cfg, task_cfg, frame, train_idx), task_cfg.rf,
+    paper = feature_model_proba(fit_feature_model(cfg, task_cfg, "rf", frame, train_idx), task_cfg.rf,
                                 [sequences[i] for i in test_idx])
     folds, probabilities = np.zeros(len(frame), dtype=np.int64), np.zeros(len(frame))
     for fold, (fit_idx, held_idx) in enumerate(cv_splits(labels, mc.folds, cfg.seed)):
-        forest = fit_random_forest(cfg, task_cfg, frame, fit_idx)
+        forest = fit_feature_model(cfg, task_cfg, "rf", frame, fit_idx)
         folds[held_idx] = fold
-        probabilities[held_idx] = random_forest_proba(forest, task_cfg.rf, [sequences[i] for i in held_idx])
+        probabilities[held_idx] = feature_model_proba(forest, task_cfg.rf, [sequences[i] for i in held_idx])
     return {"paper_protocol": binary_classification_metrics(labels[test_idx], paper),
             "cv": per_fold_mean(labels, folds, probabilities)}
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """What averaging checkpoints bought stage 10: per CV fold, the held-out metrics of the best single
-validation epoch (fold<f>/best.pt) beside those of the model the stage kept (the mean of the
+validation epoch (fold<f>/best.pt) beside those of the network the stage kept (the mean of the
 promoter.average_top_k best epochs when it validated better, else that same best epoch).
 
     bash run_all.sh --only 10_promoter && python benchmarks/promoter_checkpoints.py
@@ -18,7 +18,7 @@ import torch
 
 from nucleic.classify import build_classifier, encode_sequences, load_classifier, model_settings, predict_proba
 from nucleic.config import Paths, load_config
-from nucleic.dna_tasks import cv_splits, promoter_frame, promoter_key
+from nucleic.dna_tasks import cv_splits, promoter_frame, promoter_network_key
 from nucleic.engine import read_checkpoint, setup_device
 from nucleic.io_utils import write_json
 from nucleic.metrics import binary_classification_metrics
@@ -35,13 +35,13 @@ def main() -> None:
     cfg = load_config(args.preset, overrides=args.set)
     pc, paths = cfg.promoter, Paths(cfg)
     work = paths.run / "promoter" / pc.model
-    if not stamped_with(work, promoter_key(cfg)):
+    if not stamped_with(work, promoter_network_key(cfg)):
         sys.exit(f"{work}: stage 10's models were trained with other settings (or not at all); "
                  f"run `bash run_all.sh --only 10_promoter` with these settings first")
     device = setup_device(cfg.train)
     frame = promoter_frame(cfg)
     tokens, labels = encode_sequences(list(frame.sequence)), frame.label.to_numpy()
-    stage = json.loads((paths.oof / "promoter_metrics.json").read_text())
+    stage = json.loads((paths.oof / "promoter_metrics.json").read_text())["models"][pc.model]  # the network's figures
     rows = []
     for fold, (_, test_idx) in enumerate(cv_splits(labels, pc.folds, cfg.seed)):
         best = build_classifier(pc.model, model_settings(pc, pc.model), tokens.shape[1]).to(device)

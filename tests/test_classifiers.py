@@ -14,21 +14,22 @@ from nucleic.classify import (
     balanced_pos_weight,
     encode_sequences,
     epoch_indices,
-    forest_features,
-    forest_spec,
+    feature_spec,
     kmer_frequencies,
     mutate,
+    sequence_features,
 )
 from nucleic.dna_tasks import (
     attention_motifs,
     box_frequencies,
     choose_blend,
     closest_box,
-    fit_random_forest,
+    feature_model_proba,
+    fit_feature_model,
     grouped_auc,
-    random_forest_proba,
-    save_random_forest,
+    save_feature_model,
 )
+from nucleic.metrics import binary_classification_metrics
 from nucleic.models.classifiers import BothStrands, DanQ, NTClassifier, NucleotideCNN, ViraMiner, reverse_complement
 from nucleic.predict import main as predict_main
 
@@ -148,9 +149,9 @@ def test_forest_features_read_the_ends_length_gc_and_the_hairpins_free_energy():
     from nucleic.folding import ViennaSource
 
     hairpin, loose = "GGGGCGAAAGCCCCAG", "TAATAATAATAATAAT"
-    spec = forest_spec({"ks": [1], "ends": 2, "globals": ["length", "gc", "mfe"]})
+    spec = feature_spec({"ks": [1], "ends": 2, "globals": ["length", "gc", "mfe"]})
     assert ViennaSource("Andronescu2007").free_energies([hairpin])[0] == pytest.approx(-11.05, abs=1e-4)
-    features = forest_features([hairpin, loose, "ACG"], spec)  # after another energy set was loaded
+    features = sequence_features([hairpin, loose, "ACG"], spec)  # after another energy set was loaded
     assert features.shape == (3, 4 + 2 * 2 * 4 + 1 + 1 + 2)
     ends = features[:, 4:20].reshape(3, 4, 4)  # first, second, last, second-to-last nucleotide, one-hot ACGT
     assert ends[0].argmax(axis=1).tolist() == [2, 2, 2, 0] and ends[0].sum() == 4
@@ -158,10 +159,10 @@ def test_forest_features_read_the_ends_length_gc_and_the_hairpins_free_energy():
     expected = -11.7  # kcal/mol, (((((....))))).. under Turner 2004 at 37 C (Andronescu 2007: -11.05)
     assert features[0, 22] == pytest.approx(expected, abs=1e-4)
     assert features[0, 23] == pytest.approx(expected / 16, abs=1e-5) and features[1, 22] > expected
-    old_forest = forest_spec({"ks": [1, 2]})  # a forest saved before ends and globals: k-mers only
-    np.testing.assert_array_equal(forest_features([hairpin], old_forest), kmer_frequencies([hairpin], (1, 2)))
-    with pytest.raises(ValueError, match="rf.globals: unknown \\['mfe2'\\]"):
-        forest_spec({"ks": [1], "globals": ["mfe2"]})
+    old_forest = feature_spec({"ks": [1, 2]})  # a forest saved before ends and globals: k-mers only
+    np.testing.assert_array_equal(sequence_features([hairpin], old_forest), kmer_frequencies([hairpin], (1, 2)))
+    with pytest.raises(ValueError, match="globals: unknown \\['mfe2'\\]"):
+        feature_spec({"ks": [1], "globals": ["mfe2"]})
 
 
 @pytest.mark.slow
@@ -175,6 +176,16 @@ def test_smoke_promoter_stage_writes_metrics_and_motifs(data_dir, tmp_path):
     assert {"accuracy", "mcc", "sensitivity", "specificity", "per_fold", "model", "config"} <= set(metrics)
     assert len(metrics["per_fold"]) == 5 and metrics["model"] == "nt" and 0 <= metrics["accuracy"] <= 1
     assert metrics["accuracy"] == pytest.approx(np.mean([f["accuracy"] for f in metrics["per_fold"]]))
+    # Served: the mean of the network's and the linear model's OOF probabilities, scored per fold
+    assert metrics["served"] == ["nt", "linear"] and set(metrics["models"]) == {"nt", "linear"}
+    oof = pd.read_csv(workspace / "oof" / "promoter_oof.csv")
+    np.testing.assert_allclose(oof.probability, (oof.probability_nt + oof.probability_linear) / 2, atol=2e-6)
+    assert metrics["models"]["linear"]["auc"] > 0.9, "the boxes the generated promoters carry are read"
+    fold_rows = [oof[oof.fold == f] for f in range(5)]
+    served = [binary_classification_metrics(rows.label.to_numpy(), rows.probability.to_numpy()) for rows in fold_rows]
+    assert metrics["mcc"] == pytest.approx(np.mean([f["mcc"] for f in served]), abs=1e-3)
+    assert sorted(p.name for p in (workspace / "work" / "smoke" / "promoter" / "linear").glob("fold*.joblib")) == [
+        f"fold{f}.joblib" for f in range(5)]
     motifs = pd.read_csv(workspace / "oof" / "promoter_motifs.csv")
     assert list(motifs.columns) == ["kmer", "count", "box", "mismatches"] and len(motifs.kmer[0]) == 7
     assert all(closest_box(k) == (b, m) for k, b, m in zip(motifs.kmer, motifs.box, motifs.mismatches))
@@ -198,7 +209,8 @@ def assert_checkpoint_report_matches_the_stage(data_dir, workspace, metrics):
                       timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((workspace / "oof" / "promoter_checkpoints.json").read_text())
-    assert [row["stage"]["accuracy"] for row in report["folds"]] == [f["accuracy"] for f in metrics["per_fold"]]
+    network = metrics["models"]["nt"]["per_fold"]
+    assert [row["stage"]["accuracy"] for row in report["folds"]] == [f["accuracy"] for f in network]
     for row in report["folds"]:
         if not row["averaged_kept"]:
             assert row["best_epoch"] == pytest.approx(row["stage"])
@@ -373,6 +385,17 @@ def test_with_groups_the_blend_is_chosen_for_ranking_inside_each_group_not_for_t
         grouped_auc(np.r_[np.ones(5), np.zeros(5)], ranks[:10], np.r_[np.zeros(5), np.ones(5)])
 
 
+def test_position_and_box_features_read_aligned_promoters():
+    spec = feature_spec({"ks": [1], "positions": 3, "boxes": [["tataat", 2, 10], ["TTGACA", 0, 8]]})
+    features = sequence_features(["ACTATAATGG", "ACTTTACAGG", "AC"], spec)
+    assert features.shape == (3, 4 + 3 * 4 + 2)
+    positions = features[:, 4:16].reshape(3, 3, 4)
+    assert positions[0].argmax(axis=1).tolist() == [0, 1, 3] and positions[2].sum() == 2  # past the end: zeros
+    assert features[:, 16].tolist() == [0, 3, 6]  # a window the sequence does not reach counts as mismatches
+    assert features[:, 17].tolist() == [4, 1, 6]
+    assert feature_spec({"ks": [1]})["boxes"] == [] and feature_spec({"ks": [1]})["positions"] == 0
+
+
 def test_a_saved_random_forest_predicts_through_the_predict_command(tmp_path, capsys):
     from nucleic.config import load_config
 
@@ -380,22 +403,22 @@ def test_a_saved_random_forest_predicts_through_the_predict_command(tmp_path, ca
     sequences = ["".join(rng.choice(list("ACGT" if i % 4 else "AATT"), 60)) for i in range(80)]
     frame = pd.DataFrame({"sequence": sequences, "label": [int(i % 4 == 0) for i in range(80)]})
     cfg = load_config("smoke", ["viral.rf.trees=10"])
-    forest = fit_random_forest(cfg, cfg.viral, frame, np.arange(60))
+    forest = fit_feature_model(cfg, cfg.viral, "rf", frame, np.arange(60))
     path = tmp_path / "serve_rf.joblib"
-    save_random_forest(path, forest, forest_spec(cfg.viral.rf))
+    save_feature_model(path, "rf", forest, feature_spec(cfg.viral.rf))
     source = tmp_path / "in.fa"
     source.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(sequences[60:])))
     out = tmp_path / "out.csv"
     assert predict_main(["viral", "--input", str(source), "--output", str(out), "--preset", "smoke",
                          "--weights", str(path)]) == 0
-    expected = random_forest_proba(forest, forest_spec(cfg.viral.rf), sequences[60:])
+    expected = feature_model_proba(forest, feature_spec(cfg.viral.rf), sequences[60:])
     np.testing.assert_allclose(pd.read_csv(out).probability.to_numpy(), expected)
     assert expected[::4].mean() > expected.mean(), "the AT-rich class is told apart"
     (tmp_path / "bad.joblib").write_bytes(b"not a forest")
     assert predict_main(["viral", "--input", str(source), "--output", str(tmp_path / "bad.csv"), "--preset",
                          "smoke", "--weights", str(tmp_path / "bad.joblib")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "bad.joblib: not a random forest written by stage 11 or 12" in err[0]
+    assert len(err) == 1 and "bad.joblib: not a model written by stages 10-12" in err[0]
     assert not (tmp_path / "bad.csv").exists()
 
 

@@ -111,6 +111,17 @@ def test_classifier_round_trip_from_csv(trained, tmp_path, data_dir):
     assert main(["promoter", "--input", str(source), "--output", str(out), *args[:2], *args[4:]]) == 0
     frame = pd.read_csv(out)
     assert list(frame.id) == [f"p{i}" for i in range(5)] and frame.probability.between(0, 1).all()
+    # The stage's served mean: the network's folds and the linear model's, as many of each
+    from nucleic.config import load_config
+    from nucleic.predict import default_weights
+
+    cfg = load_config("smoke", args[5::2])  # the values of the fixture's --set pairs
+    weights = default_weights(cfg, "promoter")
+    assert [w.suffix for w in weights] == [".pt"] * 5 + [".joblib"] * 5
+    network_only = tmp_path / "nt_only.csv"
+    assert main(["promoter", "--input", str(source), "--output", str(network_only), *args[:2], *args[4:],
+                 "--weights", *map(str, weights[:5])]) == 0
+    assert not np.allclose(pd.read_csv(network_only).probability, frame.probability)
 
 
 def test_missing_weights_name_the_stage(tmp_path, capsys):
@@ -126,7 +137,7 @@ def test_predict_module_loads_the_classification_tasks_only_when_asked():
 
 
 def test_one_suffix_rule_names_every_trained_classifier(tmp_path):
-    from nucleic.dna_tasks import is_random_forest, served_weights
+    from nucleic.dna_tasks import is_feature_model, served_weights
 
-    assert served_weights(tmp_path, "rf") == tmp_path / "serve_rf.joblib" and is_random_forest(tmp_path / "serve_rf.joblib")
-    assert served_weights(tmp_path, "nt") == tmp_path / "serve_nt.pt" and not is_random_forest(tmp_path / "serve_nt.pt")
+    assert served_weights(tmp_path, "rf") == tmp_path / "serve_rf.joblib" and is_feature_model(tmp_path / "serve_rf.joblib")
+    assert served_weights(tmp_path, "nt") == tmp_path / "serve_nt.pt" and not is_feature_model(tmp_path / "serve_nt.pt")

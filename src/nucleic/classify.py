@@ -199,26 +199,31 @@ def kmer_frequencies(sequences: list[str], ks: tuple[int, ...]) -> np.ndarray:
     return np.concatenate(blocks, axis=1)
 
 
-FOREST_GLOBALS = ("length", "gc", "mfe")
+FEATURE_GLOBALS = ("length", "gc", "mfe")
 
 
-def forest_spec(settings) -> dict:
-    """The random forest's feature settings from a config section or a saved forest: ks (k-mer sizes),
-    ends (nucleotides read at each end), globals (any of FOREST_GLOBALS). Missing keys mean none, as in
-    forests saved before ends and globals existed."""
+def feature_spec(settings) -> dict:
+    """The hand-made features' settings (of a random forest or a linear model) from a config section or a
+    saved model: ks (k-mer sizes), ends (nucleotides read at each end), globals (any of FEATURE_GLOBALS),
+    positions (one-hot nucleotides of the first n positions, for aligned sequences), boxes ([motif, start,
+    end] each: its fewest mismatches within those positions). Missing keys mean none, as in forests saved
+    before ends, globals, positions and boxes existed."""
     spec = {"ks": [int(k) for k in settings["ks"]], "ends": int(settings.get("ends") or 0),
-            "globals": list(settings.get("globals") or [])}
-    unknown = set(spec["globals"]) - set(FOREST_GLOBALS)
+            "globals": list(settings.get("globals") or []), "positions": int(settings.get("positions") or 0),
+            "boxes": [[str(motif).upper(), int(start), int(end)] for motif, start, end in settings.get("boxes") or []]}
+    unknown = set(spec["globals"]) - set(FEATURE_GLOBALS)
     if unknown:
-        raise ValueError(f"rf.globals: unknown {sorted(unknown)}; choose from {list(FOREST_GLOBALS)}")
+        raise ValueError(f"globals: unknown {sorted(unknown)}; choose from {list(FEATURE_GLOBALS)}")
     return spec
 
 
-def forest_features(sequences: list[str], spec: dict) -> np.ndarray:
+def sequence_features(sequences: list[str], spec: dict) -> np.ndarray:
     """One row per sequence: k-mer frequencies for each k in spec["ks"]; the one-hot nucleotides of the
     first and last spec["ends"] positions (a mirtron's ends are its intron's splice sites, GU...AG); then
     spec["globals"]: length, GC content, ViennaRNA minimum free energy (Turner 2004, 37 C) in total and
-    per nucleotide (how stable the hairpin is)."""
+    per nucleotide (how stable the hairpin is); the one-hot nucleotide at each of the first
+    spec["positions"] positions (aligned promoters: each base's place relative to the transcription
+    start); for each spec["boxes"] motif, its fewest mismatches within its window (the -10 and -35 boxes)."""
     blocks = [kmer_frequencies(sequences, tuple(spec["ks"]))]
     if spec["ends"]:
         blocks.append(end_nucleotides(sequences, spec["ends"]))
@@ -234,7 +239,27 @@ def forest_features(sequences: list[str], spec: dict) -> np.ndarray:
 
             energies = ViennaSource("Turner2004").free_energies(sequences)
             blocks.append(np.stack([energies, energies / np.maximum(lengths, 1)], axis=1))
+    if spec.get("positions"):
+        blocks.append(position_nucleotides(sequences, spec["positions"]))
+    for motif, start, end in spec.get("boxes", []):
+        windows = [s[start:end].ljust(len(motif), "N") for s in sequences]  # bases a short sequence lacks: mismatches
+        blocks.append(np.array([[fewest_mismatches(w, motif)] for w in windows], dtype=np.float32))
     return np.concatenate(blocks, axis=1)
+
+
+def position_nucleotides(sequences: list[str], n: int) -> np.ndarray:
+    """(N, 4 n): the one-hot nucleotide at each of the first n positions; past a sequence's end, zeros."""
+    out = np.zeros((len(sequences), n, 4), dtype=np.float32)
+    for row, sequence in enumerate(sequences):
+        codes = tokenize(sequence[:n], DNA_ALPHABET) - 1
+        out[row, np.arange(len(codes)), codes] = 1
+    return out.reshape(len(sequences), -1)
+
+
+def fewest_mismatches(sequence: str, box: str) -> int:
+    """The fewest mismatches with `box` over every alignment of it inside `sequence` (upper case)."""
+    return min(sum(a != b for a, b in zip(sequence[o:o + len(box)], box))
+               for o in range(max(1, len(sequence) - len(box) + 1)))
 
 
 def end_nucleotides(sequences: list[str], n: int) -> np.ndarray:

@@ -101,6 +101,7 @@ KINDS = {
     "train.grad_clip": "number?", "pretrain.grad_clip": "number?", "train.init_weights": "str?", "train.val_structures": "int?",
     "train.column_weights": "list?", "train.only_folds": "list?",
     "cluster.address": "str?", "cluster.local_workers": "int?", "train.bf16": "bool|auto", "train.channels_last": "bool|auto",
+    "promoter.linear": "dict?",
     "*.kmer_branch": "dict?", "*.pos_weight": "number|balanced", "*.negatives_per_positive": "number?", "*.max_rows": "int?",
 }
 MINIMA = {"cluster.local_workers": 1, "train.folds": 2, "train.epochs": 0, "train.batch_size": 1, "train.eval_batch_size": 1,
@@ -137,6 +138,8 @@ def check_types(merged: dict, base: dict, where: str = "") -> None:
     for key, default in base.items():
         name, value = f"{where}{key}", merged.get(key)
         if isinstance(default, dict):
+            if value is None and (_lookup(KINDS, name) or "").endswith("?"):
+                continue  # a section that may be switched off
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{name}': expected a section of settings, got {value!r}")
             check_types(value, default, f"{name}.")

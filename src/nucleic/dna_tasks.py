@@ -13,12 +13,13 @@ from tqdm.auto import tqdm
 
 from .classify import (
     encode_sequences,
+    feature_spec,
+    fewest_mismatches,
     fit_classifier,
-    forest_features,
-    forest_spec,
     model_settings,
     predict_proba,
     save_classifier,
+    sequence_features,
 )
 from .config import Config, Paths
 from .dna_data import read_mirna, read_promoter, read_viral
@@ -53,8 +54,9 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
     for fold, (train_idx, val_idx) in enumerate(cv_splits(labels, task_cfg.folds, cfg.seed)):
         cache = work / f"fold{fold}.pkl"
         result = read_cache(cache)
-        if result is None and kind == "rf":  # no epochs to choose: the forest learns from every training row
-            probs, = fit_forest_and_score(cfg, task_cfg, frame, train_idx, [val_idx], cache.with_suffix(weights_suffix("rf")))
+        if result is None and kind in FEATURE_KINDS:  # no epochs to choose: it learns from every training row
+            probs, = fit_feature_model_and_score(cfg, task_cfg, kind, frame, train_idx, [val_idx],
+                                                 cache.with_suffix(weights_suffix(kind)))
             result = {"probs": probs, "history": [], "motifs": {}}
             write_pickle(cache, result)
         if result is None:
@@ -124,12 +126,6 @@ def attention_motifs(model, tokens: torch.Tensor, labels: np.ndarray, probs: np.
 KNOWN_BOXES = ("TATAAT", "TTGACA")  # sigma-70 consensus: the -10 (Pribnow) and -35 boxes
 
 
-def fewest_mismatches(sequence: str, box: str) -> int:
-    """The fewest mismatches with `box` over every alignment of it inside `sequence` (upper case)."""
-    return min(sum(a != b for a, b in zip(sequence[o:o + len(box)], box))
-               for o in range(max(1, len(sequence) - len(box) + 1)))
-
-
 def closest_box(kmer: str) -> tuple[str, int]:
     """(the known box the k-mer comes closest to holding, its fewest mismatches over the alignments)."""
     mismatches, box = min((fewest_mismatches(kmer.upper(), box), box) for box in KNOWN_BOXES)
@@ -162,26 +158,52 @@ def promoter_key(cfg: Config) -> dict:
     return {"promoter": dict(cfg.promoter), "seed": cfg.seed, "data_sha1": digest}
 
 
+def promoter_network_key(cfg: Config) -> dict:
+    """What stage 10's network folds depend on: every promoter setting but the linear model's, so tuning
+    that model (seconds) never retrains the network (minutes)."""
+    key = promoter_key(cfg)
+    key["promoter"].pop("linear", None)
+    return key
+
+
 def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
+    """Stratified K-fold CV of the network promoter.model and, where promoter.linear is set, of a
+    logistic regression on position-specific features (promoter.linear, sequence_features), in the same
+    folds. Served (reported, written as the OOF probability, loaded by the predict command): the mean
+    of their probabilities, fixed beforehand, so no choice is made on the scored rows."""
     from .plots import plot_classifier_learning_curves, plot_confusion, plot_motifs, plot_roc_pr
 
     paths, pc = Paths(cfg), cfg.promoter
     device = setup_device(cfg.train)
     frame = promoter_frame(cfg)
-    work = claim_work_dir(paths.run / "promoter" / pc.model, promoter_key(cfg), force)
-    result = run_cv(cfg, pc, frame, work, device)
+    labels = frame.label.to_numpy()
+    results = {}
+    for kind in promoter_models(cfg):
+        key = promoter_network_key(cfg) if kind == pc.model else promoter_key(cfg)
+        work = claim_work_dir(paths.run / "promoter" / kind, key, force)
+        results[kind] = run_cv(cfg, with_kind(pc, kind), frame, work, device)
+    result, folds = results[pc.model], results[pc.model]["folds"]
+    served = np.mean([r["probabilities"] for r in results.values()], axis=0)
+    per_fold = [{"fold": int(f), **binary_classification_metrics(labels[folds == f], served[folds == f])}
+                for f in np.unique(folds)]
+    summary = {m: float(np.mean([f[m] for f in per_fold])) for m in SUMMARY_METRICS}
+    name = " + ".join(results)
     oof = paths.oof / "promoter_oof.csv"
-    write_csv(oof, pd.DataFrame({"id": frame.id, "label": frame.label, "probability": result["probabilities"],
-                                 "fold": result["folds"]}))
+    write_csv(oof, pd.DataFrame({"id": frame.id, "label": frame.label, "probability": served, "fold": folds,
+                                 **({f"probability_{k}": r["probabilities"] for k, r in results.items()}
+                                    if len(results) > 1 else {})}))
     metrics = paths.oof / "promoter_metrics.json"
-    write_json(metrics, {**result["summary"], "per_fold": result["per_fold"], "model": pc.model,
+    write_json(metrics, {**summary, "per_fold": per_fold, "model": pc.model, "served": list(results),
+                         "models": {k: {**r["summary"], "per_fold": r["per_fold"]} for k, r in results.items()},
                          "n_sequences": len(frame), **artifact_meta(cfg)})
     figures = [paths.figures / "promoter_learning_curves.png", paths.figures / "promoter_confusion.png"]
     plot_classifier_learning_curves(figures[0], f"promoter ({pc.model})", result["histories"])
-    plot_confusion(figures[1], f"promoter ({pc.model}), {pc.folds}-fold CV", frame.label.to_numpy(),
-                   result["probabilities"])
+    plot_confusion(figures[1], f"promoter ({name}), {pc.folds}-fold CV", labels, served)
     roc_pr = paths.figures / "promoter_roc_pr.png"
-    plot_roc_pr(roc_pr, f"promoter, {pc.folds}-fold CV (OOF)", {pc.model: (frame.label, result["probabilities"])})
+    curves = {k: (frame.label, r["probabilities"]) for k, r in results.items()}
+    if len(results) > 1:
+        curves[f"served: mean of {name}"] = (frame.label, served)
+    plot_roc_pr(roc_pr, f"promoter, {pc.folds}-fold CV (OOF)", curves)
     outputs = [oof, metrics, *figures, roc_pr]
     if result["motifs"]:
         motif_csv = paths.oof / "promoter_motifs.csv"
@@ -189,12 +211,17 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
         closest = [closest_box(kmer) for kmer in table.kmer]
         table["box"], table["mismatches"] = [c[0] for c in closest], [c[1] for c in closest]
         write_csv(motif_csv, table)
-        boxes = box_frequencies(frame.sequence, frame.label.to_numpy())
+        boxes = box_frequencies(frame.sequence, labels)
         write_csv(paths.oof / "promoter_boxes.csv", boxes)
         motif_png = paths.figures / "promoter_motifs.png"
         plot_motifs(motif_png, "k-mers most attended in correctly predicted promoters", table.head(10), boxes)
         outputs += [motif_csv, paths.oof / "promoter_boxes.csv", motif_png]
-    return outputs, {k: round(v, 4) for k, v in result["summary"].items() if k in ("accuracy", "mcc")}
+    return outputs, {k: round(v, 4) for k, v in summary.items() if k in ("accuracy", "mcc")}
+
+
+def promoter_models(cfg: Config) -> list[str]:
+    """Stage 10's models: the network promoter.model, then "linear" where promoter.linear is set."""
+    return [cfg.promoter.model] + (["linear"] if cfg.promoter.get("linear") else [])
 
 
 def _data_key(cfg: Config, section: str, task: str) -> dict:
@@ -214,8 +241,9 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
     if result is None or (val_idx is not None and "val_probs" not in result):
         labels = frame.label.to_numpy()
         scored = [test_idx] if val_idx is None else [test_idx, val_idx]
-        if kind == "rf":
-            probs = fit_forest_and_score(cfg, task_cfg, frame, train_idx, scored, cache.with_suffix(weights_suffix("rf")))
+        if kind in FEATURE_KINDS:
+            probs = fit_feature_model_and_score(cfg, task_cfg, kind, frame, train_idx, scored,
+                                                cache.with_suffix(weights_suffix(kind)))
             history = []
         else:
             tokens = encode_sequences(list(frame.sequence))
@@ -233,36 +261,49 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
     return {**result, "metrics": binary_classification_metrics(frame.label.to_numpy()[test_idx], result["probs"])}
 
 
-def fit_forest_and_score(cfg: Config, task_cfg, frame: pd.DataFrame, train_idx, scored: list,
-                         weights: Path) -> list[np.ndarray]:
-    """The random forest fitted on train_idx and saved to `weights`: its probabilities of each row set in scored."""
-    forest, spec = fit_random_forest(cfg, task_cfg, frame, train_idx), forest_spec(task_cfg.rf)
-    save_random_forest(weights, forest, spec)
-    return [random_forest_proba(forest, spec, list(frame.sequence.iloc[rows])) for rows in scored]
+FEATURE_KINDS = ("rf", "linear")  # scikit-learn models on sequence_features, saved with joblib
 
 
-def fit_random_forest(cfg: Config, task_cfg, frame: pd.DataFrame, train_idx):
-    """A random forest on forest_features (task_cfg.rf: ks, ends, globals, trees) of the train_idx rows."""
+def fit_feature_model_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_idx, scored: list,
+                                weights: Path) -> list[np.ndarray]:
+    """The feature model `kind` fitted on train_idx and saved to `weights`: its probabilities of each row set in scored."""
+    estimator, spec = fit_feature_model(cfg, task_cfg, kind, frame, train_idx), feature_spec(task_cfg[kind])
+    save_feature_model(weights, kind, estimator, spec)
+    return [feature_model_proba(estimator, spec, list(frame.sequence.iloc[rows])) for rows in scored]
+
+
+def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_idx):
+    """On sequence_features (task_cfg[kind]: ks, ends, globals, positions, boxes) of the train_idx rows:
+    kind "rf", a random forest of task_cfg.rf.trees trees; kind "linear", a logistic regression with L2
+    strength 1 / task_cfg.linear.C on standardized features. Both weigh the classes equally."""
     from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    features = forest_features(list(frame.sequence.iloc[train_idx]), forest_spec(task_cfg.rf))
-    forest = RandomForestClassifier(n_estimators=task_cfg.rf.trees, class_weight="balanced_subsample",
-                                    n_jobs=-1, random_state=cfg.seed)
-    return forest.fit(features, frame.label.to_numpy()[train_idx])
+    settings = task_cfg[kind]
+    features = sequence_features(list(frame.sequence.iloc[train_idx]), feature_spec(settings))
+    if kind == "rf":
+        estimator = RandomForestClassifier(n_estimators=settings.trees, class_weight="balanced_subsample",
+                                           n_jobs=-1, random_state=cfg.seed)
+    else:
+        estimator = make_pipeline(StandardScaler(), LogisticRegression(C=settings.C, class_weight="balanced",
+                                                                       max_iter=2000))
+    return estimator.fit(features, frame.label.to_numpy()[train_idx])
 
 
-def random_forest_proba(forest, spec: dict, sequences: list[str]) -> np.ndarray:
-    return forest.predict_proba(forest_features(sequences, forest_spec(spec)))[:, 1]
+def feature_model_proba(estimator, spec: dict, sequences: list[str]) -> np.ndarray:
+    return estimator.predict_proba(sequence_features(sequences, feature_spec(spec)))[:, 1]
 
 
-def save_random_forest(path: Path, forest, spec: dict) -> None:
-    """The forest and its feature settings (forest_spec), with joblib (the predict command loads it)."""
+def save_feature_model(path: Path, kind: str, estimator, spec: dict) -> None:
+    """The fitted model and its feature settings (feature_spec), with joblib (the predict command loads it)."""
     import joblib
 
     from .io_utils import atomic_path
 
     with atomic_path(path) as tmp:
-        joblib.dump({"kind": "rf", **forest_spec(spec), "forest": forest}, tmp)
+        joblib.dump({"kind": kind, **feature_spec(spec), "estimator": estimator}, tmp)
 
 
 def choose_blend(labels: np.ndarray, val_probs: dict[str, np.ndarray],
@@ -380,12 +421,12 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
 
 
 def weights_suffix(kind: str) -> str:
-    """The file suffix of a trained model of `kind`: joblib for the random forest, torch for the networks."""
-    return ".joblib" if kind == "rf" else ".pt"
+    """The file suffix of a trained model of `kind`: joblib for the feature models, torch for the networks."""
+    return ".joblib" if kind in FEATURE_KINDS else ".pt"
 
 
-def is_random_forest(weights: Path) -> bool:
-    return Path(weights).suffix == weights_suffix("rf")
+def is_feature_model(weights: Path) -> bool:
+    return Path(weights).suffix == ".joblib"
 
 
 def served_weights(work: Path, kind: str) -> Path:

@@ -92,19 +92,19 @@ def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFra
 
 
 def predict_classifier(cfg, records, weights: list[Path], path: Path, device) -> pd.DataFrame:
-    """The mean probability of every given model: networks (.pt, stages 10-12) and random forests
-    (.joblib, stages 11 and 12). Sequences may be as long as the shortest length a network was trained on."""
+    """The mean probability of every given model: networks (.pt, stages 10-12), random forests and
+    linear models (.joblib, stages 10-12). Sequences may be as long as the shortest length a network was trained on."""
     from .classify import encode_sequences, load_classifier, predict_proba
     from .dna_data import DNA_ALPHABET
-    from .dna_tasks import is_random_forest, random_forest_proba
+    from .dna_tasks import feature_model_proba, is_feature_model
     from .structures import pairing_probabilities
 
-    forests = [load_random_forest(w) for w in weights if is_random_forest(w)]
-    models = [load_classifier(w, device) for w in weights if not is_random_forest(w)]
+    feature_models = [load_feature_model(w) for w in weights if is_feature_model(w)]
+    models = [load_classifier(w, device) for w in weights if not is_feature_model(w)]
     length = min((trained for _, trained in models), default=MAX_DNA_LENGTH)
     cleaned = clean_records(records, path, DNA_ALPHABET, length)
     sequences = [s for _, s in cleaned]
-    probabilities = [random_forest_proba(forest["forest"], forest, sequences) for forest in forests]
+    probabilities = [feature_model_proba(saved["estimator"], saved, sequences) for saved in feature_models]
     if models:
         tokens = encode_sequences(sequences, length)
         reads_structure = any(getattr(model, "structure", False) for model, _ in models)
@@ -114,19 +114,24 @@ def predict_classifier(cfg, records, weights: list[Path], path: Path, device) ->
     return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": np.mean(probabilities, axis=0)})
 
 
-def load_random_forest(path: Path) -> dict:
-    """A forest written by stage 11 or 12 ({"kind": "rf", its forest_spec, "forest"}). joblib files are
-    pickles: load only ones you trust (your own runs)."""
+def load_feature_model(path: Path) -> dict:
+    """A random forest or linear model written by stages 10-12 ({"kind", its feature_spec, "estimator"};
+    forests saved before linear models existed keep theirs under "forest"). joblib files are pickles:
+    load only ones you trust (your own runs)."""
     import joblib
+
+    from .dna_tasks import FEATURE_KINDS
 
     if not path.exists():
         raise InputError(path, "no such file")
     try:
         saved = joblib.load(path)
     except Exception as err:  # a truncated or foreign file: one line, not a traceback
-        raise InputError(path, f"not a random forest written by stage 11 or 12 ({type(err).__name__})") from None
-    if not isinstance(saved, dict) or saved.get("kind") != "rf" or "ks" not in saved:
-        raise InputError(path, "not a random forest written by stage 11 or 12")
+        raise InputError(path, f"not a model written by stages 10-12 ({type(err).__name__})") from None
+    if not isinstance(saved, dict) or saved.get("kind") not in FEATURE_KINDS or "ks" not in saved:
+        raise InputError(path, "not a random forest or linear model written by stages 10-12")
+    if "forest" in saved:
+        saved["estimator"] = saved.pop("forest")
     return saved
 
 
@@ -136,7 +141,11 @@ def default_weights(cfg, task: str) -> list[Path]:
         found = sorted((run / "models" / cfg.model.name).glob("fold*/model.pt"))
         stage = "03_train_folds"
     elif task == "promoter":
-        found = sorted((run / "promoter" / cfg.promoter.model).glob("fold*.pt"))
+        from .dna_tasks import promoter_models, weights_suffix
+
+        kinds = promoter_models(cfg)  # as many folds of each: the plain mean is the mean of the models' means
+        per_kind = [sorted((run / "promoter" / kind).glob(f"fold*{weights_suffix(kind)}")) for kind in kinds]
+        found = [path for paths in per_kind for path in paths] if all(per_kind) else []
         stage = "10_promoter"
     elif task == "viral":
         from .dna_tasks import served_weights

@@ -111,10 +111,13 @@ class KmerAttention(nn.Module):
         bias = None if bias is None else bias.to(q.dtype)
         p = self.dropout if self.training else 0.0
         # The explicit path gives the plots their weights, and drops attention weights on CPU, where torch's
-        # fused kernel does not drop and its fallback draws one random number per weight. Key-padding masks
+        # fused kernel does not drop and its fallback draws one random number per weight. Under torch.compile
+        # on a CPU it is also faster: inductor fuses the softmax, while the fused kernel's tiny head dimension
+        # (8 in the paper config) starves it (inference 1.2-1.4x, README "Hardware"). Key-padding masks
         # (-inf, broadcast) stay with torch, whose softmax gives fully masked rows zeros instead of NaN.
         full_bias = bias is None or bias.shape == (batch, self.nhead, length, length)
-        if need_weights or (p and q.device.type == "cpu" and full_bias):
+        on_cpu = q.device.type == "cpu"
+        if need_weights or (on_cpu and full_bias and (p or torch.compiler.is_compiling())):
             context, weights = explicit_attention(q, k, v, bias, p)
         else:
             context, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p), None
