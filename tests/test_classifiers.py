@@ -420,6 +420,14 @@ def test_a_saved_random_forest_predicts_through_the_predict_command(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.joblib: not a model written by stages 10-12" in err[0]
     assert not (tmp_path / "bad.csv").exists()
+    # A forest saved before linear models existed ({"kind": "rf", "ks", "forest"}: k-mers only) still serves
+    import joblib
+
+    legacy = tmp_path / "legacy_rf.joblib"
+    joblib.dump({"kind": "rf", "ks": list(cfg.viral.rf.ks), "forest": forest}, legacy)
+    assert predict_main(["viral", "--input", str(source), "--output", str(tmp_path / "legacy.csv"), "--preset",
+                         "smoke", "--weights", str(legacy)]) == 0
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "legacy.csv").probability.to_numpy(), expected)
 
 
 def test_the_kmer_branch_reads_the_random_forests_features():
