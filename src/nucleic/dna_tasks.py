@@ -76,7 +76,7 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
         per_fold.append({"fold": fold, **binary_classification_metrics(labels[val_idx], result["probs"])})
         histories.append(result["history"])
         motifs.update(result["motifs"])
-    summary = {m: float(np.mean([f[m] for f in per_fold])) for m in SUMMARY_METRICS}
+    summary = mean_over_folds(per_fold)
     return {"summary": summary, "per_fold": per_fold, "histories": histories, "motifs": motifs,
             "folds": folds, "probabilities": probabilities}
 
@@ -184,9 +184,8 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
         results[kind] = run_cv(cfg, with_kind(pc, kind), frame, work, device)
     result, folds = results[pc.model], results[pc.model]["folds"]
     served = np.mean([r["probabilities"] for r in results.values()], axis=0)
-    per_fold = [{"fold": int(f), **binary_classification_metrics(labels[folds == f], served[folds == f])}
-                for f in np.unique(folds)]
-    summary = {m: float(np.mean([f[m] for f in per_fold])) for m in SUMMARY_METRICS}
+    per_fold = per_fold_metrics(labels, folds, served)
+    summary = mean_over_folds(per_fold)
     name = " + ".join(results)
     oof = paths.oof / "promoter_oof.csv"
     write_csv(oof, pd.DataFrame({"id": frame.id, "label": frame.label, "probability": served, "fold": folds,
@@ -488,7 +487,16 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
 
 def per_fold_mean(labels: np.ndarray, folds: np.ndarray, probs: np.ndarray) -> dict:
     """Each metric computed on every CV fold's held-out rows, then averaged (as run_cv's summary)."""
-    per_fold = [binary_classification_metrics(labels[folds == f], probs[folds == f]) for f in np.unique(folds)]
+    return mean_over_folds(per_fold_metrics(labels, folds, probs))
+
+
+def per_fold_metrics(labels: np.ndarray, folds: np.ndarray, probs: np.ndarray) -> list[dict]:
+    """{"fold", every metric} of each CV fold's held-out rows, in fold order."""
+    return [{"fold": int(f), **binary_classification_metrics(labels[folds == f], probs[folds == f])}
+            for f in np.unique(folds)]
+
+
+def mean_over_folds(per_fold: list[dict]) -> dict:
     return {m: float(np.mean([f[m] for f in per_fold])) for m in SUMMARY_METRICS}
 
 
