@@ -22,14 +22,13 @@ per-epoch curve, and appends a row to oof/classifier_ablations.json.
   should agree within the seed spread (README, "Promoter"). Attention dropout (off in the cpu preset)
   keeps its own path.
 """
-import argparse
 import json
 import time
 
 import numpy as np
 
 from nucleic.classify import encode_sequences, fit_classifier, model_settings, predict_proba
-from nucleic.config import Paths, load_config
+from nucleic.config import Paths, config_argparser, config_from_args
 from nucleic.dna_tasks import cv_splits, promoter_frame, stratified_split
 from nucleic.engine import setup_device
 from nucleic.io_utils import write_json
@@ -41,18 +40,16 @@ HISTORY_KEYS = {"last": "val_accuracy", "stage": "val_auc"}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu")
+    parser = config_argparser(__doc__)  # --preset, --data-dir, --set as the stages take them
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--name", required=True, help="the variant's folder and row name")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--rule", choices=("last", "stage"), default="last")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--torch-dropout", action="store_true")
     args = parser.parse_args()
     if args.torch_dropout:
         use_torch_dropout()
-    cfg = load_config(args.preset, overrides=args.set)
+    cfg = config_from_args(args)
     pc = cfg.promoter
     device = setup_device(cfg.train)
     frame = promoter_frame(cfg)
@@ -78,7 +75,7 @@ def main() -> None:
     minutes = (time.time() - start) / 60
 
     row = summarize(seeds, labels[test_idx])
-    print(f"\npromoter fold {args.fold}, preset {args.preset}, rule {args.rule}, {' '.join(args.set)}")
+    print(f"\npromoter fold {args.fold}, preset {args.preset}, rule {args.rule}, {' '.join(args.overrides)}")
     for seed in seeds:
         print(f"seed {seed['seed']}: " + " ".join(f"{m} {seed[m]:.4f}" for m in METRICS))
         print(f"  {CURVES[args.rule].replace('_', ' ')}:", seed[CURVES[args.rule]])
@@ -89,7 +86,7 @@ def main() -> None:
     report = Paths(cfg).oof / "classifier_ablations.json"
     earlier = json.loads(report.read_text()) if report.exists() else []
     write_json(report, earlier + [{"task": "promoter", "preset": args.preset, "fold": args.fold, "name": args.name,
-                                   "rule": args.rule, "overrides": args.set, "torch_dropout": args.torch_dropout,
+                                   "rule": args.rule, "overrides": args.overrides, "torch_dropout": args.torch_dropout,
                                    "minutes": round(minutes, 1), **row}])
 
 

@@ -11,11 +11,10 @@ so settings that change pretraining are not measured here). Trains model <model.
 only (resumable), prints both validation MCRMSEs (SN_filter = 1 rows of the fold, 12 structures) and
 appends them to oof/fold_ablations.json.
 """
-import argparse
 import json
 import time
 
-from nucleic.config import Paths, load_config, with_settings
+from nucleic.config import Paths, config_argparser, config_from_args, load_config, with_settings
 from nucleic.engine import setup_device
 from nucleic.io_utils import read_pickle, write_json
 from nucleic.openvaccine import _claim_model_dir, fold_indices, initial_weights, load_training_data, model_dir
@@ -23,14 +22,12 @@ from nucleic.train import score_rows, train_fold
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu")
+    parser = config_argparser(__doc__)  # --preset, --data-dir, --set as the stages take them
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--name", required=True, help="suffix of the variant's model name")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    base = load_config(args.preset)
-    variant = load_config(args.preset, overrides=args.set)
+    base = load_config(args.preset, data_dir=args.data_dir)
+    variant = config_from_args(args)
     variant = with_settings(variant, **{"model.name": f"{base.model.name}_{args.name}"})
     device = setup_device(variant.train)
     _, data, folds = load_training_data(base)
@@ -45,13 +42,13 @@ def main() -> None:
                         start_weights)
     minutes = (time.time() - start) / 60
     rows = {"stage 03": score_rows(data, reference["oof"], scored), args.name: score_rows(data, result["oof"], scored)}
-    print(f"\nfold {args.fold}, preset {args.preset}, {' '.join(args.set)}")
+    print(f"\nfold {args.fold}, preset {args.preset}, {' '.join(args.overrides)}")
     for name, score in rows.items():
         print(f"{name:12s} MCRMSE {score['mcrmse_scored']:.4f} (all 5: {score['mcrmse_all5']:.4f})")
     print(f"variant: {minutes:.1f} min, best epoch {result['best_epoch']}, averaged epochs {result['averaged_epochs']}")
     report = Paths(base).oof / "fold_ablations.json"
     earlier = json.loads(report.read_text()) if report.exists() else []
-    write_json(report, earlier + [{"preset": args.preset, "fold": args.fold, "name": args.name, "overrides": args.set,
+    write_json(report, earlier + [{"preset": args.preset, "fold": args.fold, "name": args.name, "overrides": args.overrides,
                                    "scores": rows, "minutes": round(minutes, 1), "best_epoch": result["best_epoch"],
                                    "averaged_epochs": result["averaged_epochs"]}])
 

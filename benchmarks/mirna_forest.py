@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from nucleic.config import Config, Paths, parse_stage_args
+from nucleic.config import Config, Paths, config_argparser, config_from_args
 from nucleic.dna_data import read_mirna
 from nucleic.dna_tasks import (
     cv_splits,
@@ -54,7 +54,8 @@ def score_variant(cfg: Config, frame, ends: int, globals_: list[str]) -> dict:
 
 
 def main() -> None:
-    cfg, args = parse_stage_args(__doc__)  # --preset, --data-dir, --set as the stages take them
+    args = config_argparser(__doc__).parse_args()  # --preset, --data-dir, --set as the stages take them
+    cfg = config_from_args(args)
     frame = stratified_subset(read_mirna(task_input(cfg, "mirna")), cfg.mirna.max_rows, cfg.seed)
     rows = []
     print(f"mirtron forest, preset {args.preset} {' '.join(args.overrides)}: {len(frame)} hairpins, "

@@ -10,14 +10,13 @@ two or more scored on the held-out fold, beside its validation AUC (what the sta
 Models train in their own folders under work/<preset>/ablations (resumable; a variant's --name keeps its
 own folders); rows go to oof/promoter_blend[_<name>].json.
 """
-import argparse
 import itertools
 import time
 
 import numpy as np
 
 from nucleic.classify import encode_sequences, fit_classifier, model_settings, predict_proba
-from nucleic.config import Paths, load_config
+from nucleic.config import Paths, config_argparser, config_from_args
 from nucleic.dna_tasks import choose_blend, cv_splits, promoter_frame, stratified_split, with_kind
 from nucleic.engine import setup_device
 from nucleic.io_utils import write_json
@@ -25,14 +24,12 @@ from nucleic.metrics import binary_classification_metrics
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu")
+    parser = config_argparser(__doc__)  # --preset, --data-dir, --set as the stages take them
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=["nt", "cnn", "danq"])
     parser.add_argument("--name", default="blend", help="a variant's name: its own model folders and JSON")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    cfg = load_config(args.preset, overrides=args.set)
+    cfg = config_from_args(args)
     pc = cfg.promoter
     device = setup_device(cfg.train)
     frame = promoter_frame(cfg)
@@ -52,7 +49,7 @@ def main() -> None:
         minutes[kind] = round((time.time() - start) / 60, 1)
 
     rows = []
-    print(f"\npromoter fold {args.fold}, preset {args.preset} {' '.join(args.set)}; minutes {minutes}")
+    print(f"\npromoter fold {args.fold}, preset {args.preset} {' '.join(args.overrides)}; minutes {minutes}")
     for size in range(1, len(args.models) + 1):
         for models in itertools.combinations(args.models, size):
             test = binary_classification_metrics(labels[test_idx], np.mean([test_probs[k] for k in models], axis=0))
@@ -65,7 +62,7 @@ def main() -> None:
     print(f"the stage's rule (best validation AUC) would serve: {' + '.join(chosen)}")
     suffix = "" if args.name == "blend" else f"_{args.name}"
     write_json(Paths(cfg).oof / f"promoter_blend{suffix}.json",
-               {"preset": args.preset, "fold": args.fold, "settings": args.set, "minutes": minutes, "rows": rows,
+               {"preset": args.preset, "fold": args.fold, "settings": args.overrides, "minutes": minutes, "rows": rows,
                 "rule_serves": list(chosen)})
 
 

@@ -9,7 +9,6 @@ Reads the stage's fold folders (work/<preset>/promoter/<model>) and oof/promoter
 oof/promoter_checkpoints.json. Nothing is trained; the benchmark refuses fold folders stamped with other
 settings than its own (pass the stage's --set overrides here too).
 """
-import argparse
 import json
 import sys
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from nucleic.classify import build_classifier, encode_sequences, load_classifier, model_settings, predict_proba
-from nucleic.config import Paths, load_config
+from nucleic.config import Paths, config_argparser, config_from_args
 from nucleic.dna_tasks import cv_splits, promoter_frame, promoter_network_key
 from nucleic.engine import read_checkpoint, setup_device
 from nucleic.io_utils import write_json
@@ -28,11 +27,9 @@ SHOWN = ("accuracy", "mcc", "auc")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser = config_argparser(__doc__)  # --preset, --data-dir, --set as the stages take them
     args = parser.parse_args()
-    cfg = load_config(args.preset, overrides=args.set)
+    cfg = config_from_args(args)
     pc, paths = cfg.promoter, Paths(cfg)
     work = paths.run / "promoter" / pc.model
     if not stamped_with(work, promoter_network_key(cfg)):
@@ -57,7 +54,7 @@ def main() -> None:
     for side, scores in means.items():
         print(f"mean over {len(rows)} folds, {side}: " + " ".join(f"{m} {v:.4f}" for m, v in scores.items()))
     write_json(paths.oof / "promoter_checkpoints.json", {"preset": args.preset, "average_top_k": pc.average_top_k,
-                                                         "folds": rows, "mean": means, "settings": args.set})
+                                                         "folds": rows, "mean": means, "settings": args.overrides})
 
 
 if __name__ == "__main__":

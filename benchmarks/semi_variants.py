@@ -18,13 +18,12 @@ the fold-f teachers; with other pseudo.* settings than stage 04's, rerun stage 0
 afterwards), trains each variant as model nt_v<variant> and appends the figures to
 oof/semi_variants.json.
 """
-import argparse
 import json
 import time
 
 import numpy as np
 
-from nucleic.config import Paths, load_config, with_settings
+from nucleic.config import Paths, config_argparser, load_config, with_settings
 from nucleic.engine import setup_device
 from nucleic.io_utils import read_pickle, write_json, write_pickle
 from nucleic.openvaccine import _claim_model_dir, load_test_data, load_training_data, model_dir
@@ -46,13 +45,11 @@ def fold_score(data, oof: dict, val_idx: np.ndarray) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu")
+    parser = config_argparser(__doc__)  # --preset, --data-dir, --set as the stages take them
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    cfg = load_config(args.preset, overrides=["semi.start=supervised", *args.set])
+    cfg = load_config(args.preset, ["semi.start=supervised", *args.overrides], args.data_dir)
     device = setup_device(cfg.train)
     frame, data, folds = load_training_data(cfg)
     test = load_test_data(cfg)
@@ -79,7 +76,7 @@ def main() -> None:
         print(f"{row['variant']:10s} {row['mcrmse_scored']:18.4f} {row['mcrmse_all5']:8.4f} {row.get('minutes', ''):>8}")
     report = Paths(cfg).oof / "semi_variants.json"
     earlier = json.loads(report.read_text()) if report.exists() else []
-    write_json(report, earlier + [{"preset": args.preset, "overrides": args.set, "semi": dict(cfg.semi),
+    write_json(report, earlier + [{"preset": args.preset, "overrides": args.overrides, "semi": dict(cfg.semi),
                                    "pseudo": dict(cfg.pseudo), "rows": rows}])
 
 

@@ -19,12 +19,11 @@ only), scored on the held-out experiment.
 "fixed_blends": every mean of two or more models, the same for every experiment, with its mean AUC
 (read after the fact: a ceiling, not a rule's score).
 """
-import argparse
 import time
 
 import numpy as np
 
-from nucleic.config import Paths, load_config
+from nucleic.config import Paths, config_argparser, config_from_args
 from nucleic.dna_data import read_viral
 from nucleic.dna_tasks import choose_blend, fit_and_score, grouped_auc, stratified_split, stratified_subset, task_input, viral_key
 from nucleic.engine import setup_device
@@ -35,13 +34,11 @@ from nucleic.stage import artifact_meta, claim_work_dir
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu")
+    parser = config_argparser(__doc__)  # --preset, --data-dir, --set as the stages take them
     parser.add_argument("--models", nargs="+", default=None, help="default: viral.models of the preset")
     parser.add_argument("--name", default="default", help="a variant's name: its own caches and JSON")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    cfg = load_config(args.preset, overrides=args.set)
+    cfg = config_from_args(args)
     vc = cfg.viral
     device = setup_device(cfg.train)
     frame = stratified_subset(read_viral(task_input(cfg, "viral")), vc.max_rows, cfg.seed)
@@ -95,7 +92,7 @@ def main() -> None:
     plot_grouped_scores(figure, "viral contigs, leave one experiment out (blank: no viral contig)", by_experiment,
                         "AUC-ROC on the held-out experiment", reference=0.85)
     write_json(Paths(cfg).oof / f"viral_loeo{suffix}.json", {"results": rows, "summary": summary, "models": models,
-                                                             "fixed_blends": blends, "settings": args.set,
+                                                             "fixed_blends": blends, "settings": args.overrides,
                                                              **artifact_meta(cfg)})
 
 

@@ -529,8 +529,12 @@ def test_mirna_forest_benchmark_scores_each_feature_set_under_both_protocols(dat
 
     from conftest import run_script
 
-    proc = run_script([sys.executable, "benchmarks/mirna_forest.py", "--preset", "smoke", *isolated(tmp_path)],
-                      env={"NT_DATA_DIR": str(data_dir)}, timeout=600)
+    script = [sys.executable, "benchmarks/mirna_forest.py", "--preset", "smoke", *isolated(tmp_path)]
+    refused = run_script([*script, "--force"])  # the stages' --force: a benchmark has nothing to redo
+    assert refused.returncode == 2 and "unrecognized arguments: --force" in refused.stderr
+    # --data-dir, as the stages take it, wins over $NT_DATA_DIR
+    proc = run_script([*script, "--data-dir", str(data_dir)], env={"NT_DATA_DIR": str(tmp_path / "absent")},
+                      timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     from nucleic.dna_data import read_mirna
 

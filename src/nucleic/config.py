@@ -204,21 +204,31 @@ def git_commit() -> str:
         return "unknown"
 
 
-def stage_argparser(description: str) -> argparse.ArgumentParser:
+def config_argparser(description: str) -> argparse.ArgumentParser:
+    """The options every stage and benchmark takes to build its config: --preset, --data-dir, --set."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=os.environ.get("NT_PRESET", DEFAULT_PRESET),
-                        help=f"config preset from configs/ (default: {DEFAULT_PRESET})")
+                        help=f"config preset from configs/ (default: $NT_PRESET, then {DEFAULT_PRESET})")
     parser.add_argument("--data-dir", default=None,
                         help="raw data folder (default: $NT_DATA_DIR, then input/)")
-    parser.add_argument("--force", action="store_true", help="redo the stage even if its outputs are complete")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set fold.n_jobs=1 (repeatable)")
     return parser
 
 
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.preset, args.overrides, args.data_dir)
+
+
+def stage_argparser(description: str) -> argparse.ArgumentParser:
+    parser = config_argparser(description)
+    parser.add_argument("--force", action="store_true", help="redo the stage even if its outputs are complete")
+    return parser
+
+
 def parse_stage_args(description: str, argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     args = stage_argparser(description).parse_args(argv)
-    return load_config(args.preset, args.overrides, args.data_dir), args
+    return config_from_args(args), args
 
 
 class Paths:
