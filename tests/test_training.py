@@ -136,6 +136,37 @@ def test_compiled_inference_keeps_the_oof_score_and_follows_the_weights(trained_
     assert "_compiled_for_inference" in model.__dict__ and set(model.state_dict()) == keys
 
 
+def test_predict_gives_every_row_its_own_length_and_its_alone_prediction(trained_workspace):
+    """predict() over test rows of two lengths, several rows per batch: each row gets its (L, 5) mean
+    over the structure predictions, or its (2, L, 5) mean and standard deviation, as when it is
+    predicted alone (the rows share one output buffer; nothing of a longer row leaks into a shorter)."""
+    from nucleic.config import load_config, with_settings
+    from nucleic.dataset import collate
+    from nucleic.openvaccine import load_test_data
+    from nucleic.train import build_model, predict
+
+    cfg = load_config("smoke", overrides=[f"paths.{k}={trained_workspace / k}" for k in ("input", "work",
+                                                                                        "structures", "oof")])
+    tc = with_settings(cfg, **{"train.bf16": False, "train.channels_last": False}).train
+    data, cpu = load_test_data(cfg), torch.device("cpu")
+    rows = np.arange(len(data))[::-1]  # both lengths, not in length order
+    assert len(set(data.lengths[rows])) == 2
+    model = build_model(cfg.model)
+    model.load_state_dict(torch.load(trained_workspace / "work" / "smoke" / "models" / "nt" / "fold0" / "model.pt",
+                                     weights_only=True)["model"])
+    means = predict(model, data, rows, cpu, tc)
+    moments = predict(model, data, rows, cpu, tc, moments=True)
+    slots = np.arange(data.n_slots)
+    with torch.inference_mode():
+        for i in rows:
+            alone = model(**collate(data, np.repeat(i, len(slots)), slots, cpu)).numpy()
+            assert means[i].shape == alone.shape[1:] == (data.lengths[i], 5)
+            assert moments[i].shape == (2, data.lengths[i], 5)
+            np.testing.assert_allclose(means[i], alone.mean(axis=0), atol=1e-5)
+            np.testing.assert_allclose(moments[i][0], alone.mean(axis=0), atol=1e-5)
+            np.testing.assert_allclose(moments[i][1], alone.std(axis=0), atol=1e-5)
+
+
 def test_killed_fold_resumes_to_the_same_result(folded_workspace, trained_workspace, tmp_path):
     workspace = copy_of(folded_workspace, tmp_path / "killed")
     last = workspace / "work" / "smoke" / "models" / "nt" / "fold1" / "last.pt"

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import SCORED_COLUMNS
+from .data import SCORED_COLUMNS, TARGETS
 from .dataset import RNATensors, collate, length_batches
 from .engine import (
     Trainer,
@@ -45,8 +45,17 @@ def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, de
     runner = compiled_for_inference(model) if tc.compile_inference else model
     slots = list(range(data.n_slots)) if slots is None else list(slots)
     per_batch = max(1, tc.eval_batch_size // len(slots))
-    out = {}
-    for batch in tqdm(length_batches(data.lengths, np.asarray(indices), per_batch), desc=desc, leave=False):
+    indices = np.asarray(indices)
+    lengths = data.lengths[indices]
+    # The outputs go into buffers made before the loop, one per length: small arrays kept from every
+    # batch would sit between the batches' large temporaries in malloc's heap and fragment it (stage 06
+    # grew to 23 GB on 2 cores; README "Stage 06 memory").
+    buffers = {int(length): np.zeros((count, *((2,) if moments else ()), length, len(TARGETS)), np.float32)
+               for length, count in zip(*np.unique(lengths, return_counts=True))}
+    place = {}  # index: (its length, its row in that length's buffer)
+    for length in buffers:
+        place.update((index, (length, r)) for r, index in enumerate(indices[lengths == length].tolist()))
+    for batch in tqdm(length_batches(data.lengths, indices, per_batch), desc=desc, leave=False):
         repeated = np.repeat(batch, len(slots))
         inputs = collate(data, repeated, np.tile(slots, len(batch)), device, channels_last=channels_last)
         with autocast(device, bf16):
@@ -56,8 +65,9 @@ def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, de
             pred = torch.stack([pred.mean(dim=1), pred.std(dim=1, unbiased=False)], dim=1)
         else:
             pred = pred.mean(dim=1)
-        out.update(zip(batch.tolist(), pred.cpu().numpy()))
-    return out
+        length = place[int(batch[0])][0]
+        buffers[length][[place[index][1] for index in batch.tolist()]] = pred.cpu().numpy()
+    return {index: buffers[length][r] for index, (length, r) in place.items()}
 
 
 def compile_model(model: NucleicTransformer) -> torch.nn.Module:
