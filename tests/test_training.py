@@ -139,7 +139,7 @@ def test_compiled_inference_keeps_the_oof_score_and_follows_the_weights(trained_
 def test_predict_gives_every_row_its_own_length_and_its_alone_prediction(trained_workspace):
     """predict() over test rows of two lengths, several rows per batch: each row gets its (L, 5) mean
     over the structure predictions, or its (2, L, 5) mean and standard deviation, as when it is
-    predicted alone (the rows share one output buffer; nothing of a longer row leaks into a shorter)."""
+    predicted alone (rows of a length share one output buffer: none gets another row's values)."""
     from nucleic.config import load_config, with_settings
     from nucleic.dataset import collate
     from nucleic.openvaccine import load_test_data

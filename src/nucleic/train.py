@@ -45,8 +45,8 @@ def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, de
     runner = compiled_for_inference(model) if tc.compile_inference else model
     slots = list(range(data.n_slots)) if slots is None else list(slots)
     per_batch = max(1, tc.eval_batch_size // len(slots))
-    indices = np.asarray(indices)
-    lengths = data.lengths[indices]
+    indices, all_lengths = np.asarray(indices), data.lengths  # data.lengths is computed on every access
+    lengths = all_lengths[indices]
     # The outputs go into buffers made before the loop, one per length: small arrays kept from every
     # batch would sit between the batches' large temporaries in malloc's heap and fragment it (stage 06
     # grew to 23 GB on 2 cores; README "Stage 06 memory").
@@ -55,7 +55,7 @@ def predict(model: NucleicTransformer, data: RNATensors, indices: np.ndarray, de
     place = {}  # index: (its length, its row in that length's buffer)
     for length in buffers:
         place.update((index, (length, r)) for r, index in enumerate(indices[lengths == length].tolist()))
-    for batch in tqdm(length_batches(data.lengths, indices, per_batch), desc=desc, leave=False):
+    for batch in tqdm(length_batches(all_lengths, indices, per_batch), desc=desc, leave=False):
         repeated = np.repeat(batch, len(slots))
         inputs = collate(data, repeated, np.tile(slots, len(batch)), device, channels_last=channels_last)
         with autocast(device, bf16):
