@@ -2,6 +2,8 @@
 # Runs the numbered stages of kernels/ in order. `bash run_all.sh --help` for the options.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")" || exit 1
+# this checkout's own package first, even where another clone is the editable install (its outputs go here)
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 
 preset=${NT_PRESET:-cpu}

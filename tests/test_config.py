@@ -1,6 +1,9 @@
 """Config: presets over base.yaml, typed CLI overrides, clear errors, data-dir precedence."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from nucleic.config import ConfigError, available_presets, load_config, resolve_data_dir
@@ -76,3 +79,33 @@ def test_data_dir_precedence(monkeypatch, tmp_path):
     assert resolve_data_dir(None) == tmp_path / "env"
     monkeypatch.delenv("NT_DATA_DIR")
     assert resolve_data_dir(None).name == "input"
+
+
+def test_a_second_clone_runs_and_writes_into_itself_not_into_the_installed_checkout(tiny_data_dir, tmp_path):
+    """The editable install points at one checkout; a second clone's run_all.sh still runs its own package
+    and fills its own input/ and work/, and its kernels run alone say so in one line and write nothing."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    clone = tmp_path / "clone"
+    for part in ("src", "kernels", "configs"):  # what stage 00 and run_all.sh need (CI may run this on a non-git copy)
+        shutil.copytree(repo / part, clone / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy2(repo / "run_all.sh", clone / "run_all.sh")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NT_DATA_DIR")}
+    env["PYTHONPATH"] = str(repo / "src")  # stands in for the first checkout's editable install
+    stage = [str(clone / "kernels" / "00_prepare_input.py"), "--preset", "smoke", "--data-dir", str(tiny_data_dir)]
+
+    alone = subprocess.run([sys.executable, *stage], cwd=clone, env=env, capture_output=True, text=True)
+    assert alone.returncode == 2, alone.stdout + alone.stderr
+    lines = [line for line in (alone.stdout + alone.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and f"kernels/00_prepare_input.py of {clone} imports the nucleic package of {repo}" in lines[0]
+    assert not (clone / "input").exists() and not (clone / "work").exists()
+
+    through = subprocess.run(["bash", str(clone / "run_all.sh"), "--preset", "smoke", "--only", "00_prepare_input",
+                              "--data-dir", str(tiny_data_dir)], env=env, capture_output=True, text=True)
+    assert through.returncode == 0, through.stdout[-2000:] + through.stderr[-2000:]
+    manifest = clone / "work" / "smoke" / "manifests" / "00_prepare_input.json"
+    assert manifest.exists() and (clone / "work" / "smoke" / "prepared" / "train.pkl").exists()
+    assert str(clone) in manifest.read_text() and str(repo) + "/" not in manifest.read_text()

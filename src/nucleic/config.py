@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -217,7 +218,20 @@ def config_argparser(description: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    check_own_checkout(sys.argv[0])
     return load_config(args.preset, args.overrides, args.data_dir)
+
+
+def check_own_checkout(script: str) -> None:
+    """A stage or benchmark script must run the package of its own checkout. With a second clone and the
+    first one's editable install, the imported package (and so REPO_ROOT: configs/, input/, work/, oof/)
+    would be the first clone's, and the second clone's run would write there."""
+    path = Path(script).resolve()
+    home = path.parents[1]
+    if path.parent.name in ("kernels", "benchmarks") and (home / "src" / "nucleic").is_dir() and home != REPO_ROOT:
+        raise ConfigError(f"{path.parent.name}/{path.name} of {home} imports the nucleic package of {REPO_ROOT} "
+                          f"and would write into that checkout: run it through {home}/run_all.sh, or with "
+                          f"PYTHONPATH={home}/src, or pip install -e {home} first")
 
 
 def stage_argparser(description: str) -> argparse.ArgumentParser:
