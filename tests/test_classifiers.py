@@ -176,10 +176,13 @@ def test_smoke_promoter_stage_writes_metrics_and_motifs(data_dir, tmp_path):
     assert {"accuracy", "mcc", "sensitivity", "specificity", "per_fold", "model", "config"} <= set(metrics)
     assert len(metrics["per_fold"]) == 5 and metrics["model"] == "nt" and 0 <= metrics["accuracy"] <= 1
     assert metrics["accuracy"] == pytest.approx(np.mean([f["accuracy"] for f in metrics["per_fold"]]))
-    # Served: the mean of the network's and the linear model's OOF probabilities, scored per fold
-    assert metrics["served"] == ["nt", "linear"] and set(metrics["models"]) == {"nt", "linear"}
+    # Served: per row, the mean of the network's, the linear model's and (where it has one) the homology
+    # model's OOF probabilities, scored per fold
+    assert metrics["served"] == ["nt", "linear", "homology"] and set(metrics["models"]) == {"nt", "linear", "homology"}
     oof = pd.read_csv(workspace / "oof" / "promoter_oof.csv")
-    np.testing.assert_allclose(oof.probability, (oof.probability_nt + oof.probability_linear) / 2, atol=2e-6)
+    members = oof[["probability_nt", "probability_linear", "probability_homology"]]
+    np.testing.assert_allclose(oof.probability, members.mean(axis=1, skipna=True), atol=2e-6)
+    assert oof.probability_nt.notna().all() and oof.probability_linear.notna().all()
     assert metrics["models"]["linear"]["auc"] > 0.9, "the boxes the generated promoters carry are read"
     fold_rows = [oof[oof.fold == f] for f in range(5)]
     served = [binary_classification_metrics(rows.label.to_numpy(), rows.probability.to_numpy()) for rows in fold_rows]
@@ -396,6 +399,74 @@ def test_position_and_box_features_read_aligned_promoters():
     assert feature_spec({"ks": [1]})["boxes"] == [] and feature_spec({"ks": [1]})["positions"] == 0
 
 
+def overlapping_fragments(rng, regions: int, per_region: int, length: int = 40, step: int = 6) -> list[str]:
+    """per_region fragments of `length` nt from each random region, each `step` nt further along."""
+    out = []
+    for _ in range(regions):
+        region = "".join(rng.choice(list("ACGT"), length + step * per_region))
+        out += [region[i * step:i * step + length] for i in range(per_region)]
+    return out
+
+
+def test_neighbours_are_the_labelled_sequences_sharing_a_kmer_never_a_row_itself():
+    from nucleic.classify import SharedKmerNeighbours
+
+    rng = np.random.default_rng(0)
+    positives, negatives = overlapping_fragments(rng, 3, 3), overlapping_fragments(rng, 2, 2)
+    loner = "".join(rng.choice(list("ACGT"), 40))
+    index = SharedKmerNeighbours(positives + negatives, [1] * 9 + [0] * 4, k=16)
+    counts = index.counts([positives[1], negatives[0], loner])
+    # the middle fragment shares its 25 16-mers with itself and 19 with each of the other two of its region
+    assert counts[0].tolist() == [3, 0, 25, 0] and counts[1].tolist() == [0, 2, 0, 25] and counts[2].tolist() == [0] * 4
+    mixed = positives[0][20:] + negatives[0][:20]  # 5 16-mers from each: in all 3 positives, in 1 negative
+    assert index.counts([mixed])[0].tolist() == [3, 1, 5, 5]
+    np.testing.assert_allclose(index.proba([positives[1], negatives[0], loner, mixed]), [1, 0, np.nan, 0.75])
+    # a training row is not its own neighbour; its region's others are
+    assert index.counts([positives[1]], self_rows=[1])[0].tolist() == [2, 0, 19, 0]
+    features = index.features([positives[1]])[0]
+    np.testing.assert_allclose(features, [np.log(4), 0, 25, 0])
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(index))  # pickles as its sequences and labels; the index is rebuilt
+    assert copy._index is None and copy.counts([mixed]).tolist() == index.counts([mixed]).tolist()
+
+
+def test_the_served_mean_leaves_out_a_model_without_an_opinion_and_a_homology_model_serves_through_predict(tmp_path):
+    from nucleic.config import load_config
+    from nucleic.dna_tasks import scores_where_given, served_mean
+
+    np.testing.assert_allclose(served_mean([np.array([0.2, 0.4]), np.array([0.6, 0.8]), np.array([np.nan, 0.0])]),
+                               [0.4, 0.4])
+    scores = scores_where_given(np.array([1, 0, 1, 1]), np.array([0.9, 0.2, np.nan, np.nan]))
+    assert scores["accuracy"] == 1.0 and scores["coverage"] == 0.5
+    assert "coverage" not in scores_where_given(np.array([1, 0]), np.array([0.9, 0.2]))
+
+    rng = np.random.default_rng(2)
+    positives, negatives = overlapping_fragments(rng, 10, 4), overlapping_fragments(rng, 10, 4)
+    frame = pd.DataFrame({"sequence": positives + negatives, "label": [1] * 40 + [0] * 40})
+    train = np.array([i for i in range(80) if i % 4])  # one fragment per region held out
+    cfg = load_config("smoke", ["promoter.linear={ks: [1, 2], C: 1.0, neighbours: 16}"])
+    linear = fit_feature_model(cfg, cfg.promoter, "linear", frame, train)
+    homology = fit_feature_model(cfg, cfg.promoter, "homology", frame, train)
+    held_out = list(frame.sequence[::4])
+    assert linear.neighbours_ is not None and linear.neighbours_.k == 16
+    truth = frame.label.to_numpy()[::4]
+    assert ((feature_model_proba(linear, feature_spec(cfg.promoter.linear), held_out) > 0.5) == truth).all(), \
+        "random k-mers say nothing here: the overlaps with the training fragments decide"
+    np.testing.assert_allclose(feature_model_proba(homology, feature_spec(cfg.promoter.homology), held_out), truth)
+    paths = [tmp_path / "linear.joblib", tmp_path / "homology.joblib"]
+    save_feature_model(paths[0], "linear", linear, feature_spec(cfg.promoter.linear))
+    save_feature_model(paths[1], "homology", homology, feature_spec(cfg.promoter.homology))
+    source, out = tmp_path / "in.fa", tmp_path / "out.csv"
+    loner = "".join(rng.choice(list("ACGT"), 40))
+    source.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(held_out + [loner])))
+    assert predict_main(["promoter", "--input", str(source), "--output", str(out), "--preset", "smoke",
+                         "--weights", *map(str, paths)]) == 0
+    expected = feature_model_proba(linear, feature_spec(cfg.promoter.linear), held_out + [loner])
+    expected[:-1] = (expected[:-1] + truth) / 2  # the loner has no neighbour: the linear model alone
+    np.testing.assert_allclose(pd.read_csv(out).probability.to_numpy(), expected, rtol=1e-5)
+
+
 def test_a_saved_random_forest_predicts_through_the_predict_command(tmp_path, capsys):
     from nucleic.config import load_config
 
@@ -545,3 +616,31 @@ def test_mirna_forest_benchmark_scores_each_feature_set_under_both_protocols(dat
     assert all(0 <= row[p][m] <= 1 for row in rows.values() for p in ("paper_protocol", "cv") for m in ("accuracy", "auc"))
     # the splice-site ends and the hairpin's globals carry what k-mer counts miss (0.45 against 0.84 CV MCC here)
     assert full["cv"]["mcc"] > kmers["cv"]["mcc"] + 0.2 and rows["k-mers + ends"]["cv"]["mcc"] > kmers["cv"]["mcc"]
+
+
+def test_promoter_overlap_benchmark_keeps_each_group_of_overlapping_sequences_inside_one_fold(data_dir, tmp_path):
+    import importlib.util
+    import sys
+
+    from conftest import REPO, run_script
+
+    spec = importlib.util.spec_from_file_location("promoter_overlap", REPO / "benchmarks" / "promoter_overlap.py")
+    overlap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overlap)
+    rng = np.random.default_rng(3)
+    sequences = overlapping_fragments(rng, 6, 3) + ["".join(rng.choice(list("ACGT"), 40)) for _ in range(6)]
+    groups = overlap.overlap_groups(sequences, 16)
+    assert [len(set(groups[r * 3:r * 3 + 3])) for r in range(6)] == [1] * 6 and len(set(groups)) == 12
+    labels = np.array([1] * 12 + [0] * 12)
+    for train, held_out in overlap.grouped_splits(labels, groups, 3, 0):
+        assert not set(groups[train]) & set(groups[held_out])
+
+    proc = run_script([sys.executable, "benchmarks/promoter_overlap.py", "--preset", "smoke", "--models", "linear",
+                       "homology", *isolated(tmp_path)], env={"NT_DATA_DIR": str(data_dir)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "oof" / "promoter_overlap.json").read_text())
+    rows = report["grouped_folds"]
+    # no held-out row has a training neighbour: the homology model never has an opinion, the mean is the linear model
+    assert rows["homology"]["coverage"] == 0.0
+    assert rows["served: linear + homology"]["accuracy"] == pytest.approx(rows["linear"]["accuracy"])
+    assert 0 <= report["share_with_a_neighbour"]["promoters"] <= 1 and report["groups"] <= report["rows"]

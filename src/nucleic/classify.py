@@ -1,6 +1,7 @@
 """One training loop for the sequence classifiers (NT, DanQ, nucleotide CNN) and the k-mer random forest."""
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,7 @@ def save_classifier(path, kind: str, settings, length: int, model: torch.nn.Modu
 
 
 def load_classifier(path, device: torch.device) -> tuple[torch.nn.Module, int]:
-    """(model in eval mode, the sequence length it was trained on)."""
+    """(model in eval mode, with its kind as model.kind; the sequence length it was trained on)."""
     from .stage import InputError
 
     saved = load_checkpoint(path, device)
@@ -166,6 +167,7 @@ def load_classifier(path, device: torch.device) -> tuple[torch.nn.Module, int]:
         model.load_state_dict(saved["model"])
     except RuntimeError:
         raise InputError(path, "weights do not fit the model the checkpoint describes") from None
+    model.kind = saved["kind"]
     return model.eval(), saved["length"]
 
 
@@ -206,11 +208,13 @@ def feature_spec(settings) -> dict:
     """The hand-made features' settings (of a random forest or a linear model) from a config section or a
     saved model: ks (k-mer sizes), ends (nucleotides read at each end), globals (any of FEATURE_GLOBALS),
     positions (one-hot nucleotides of the first n positions, for aligned sequences), boxes ([motif, start,
-    end] each: its fewest mismatches within those positions). Missing keys mean none, as in forests saved
-    before ends, globals, positions and boxes existed."""
-    spec = {"ks": [int(k) for k in settings["ks"]], "ends": int(settings.get("ends") or 0),
+    end] each: its fewest mismatches within those positions), neighbours (k: SharedKmerNeighbours.features
+    against the training rows, added by the fitted model). Missing keys mean none, as in forests saved
+    before ends, globals, positions, boxes and neighbours existed."""
+    spec = {"ks": [int(k) for k in settings.get("ks") or []], "ends": int(settings.get("ends") or 0),
             "globals": list(settings.get("globals") or []), "positions": int(settings.get("positions") or 0),
-            "boxes": [[str(motif).upper(), int(start), int(end)] for motif, start, end in settings.get("boxes") or []]}
+            "boxes": [[str(motif).upper(), int(start), int(end)] for motif, start, end in settings.get("boxes") or []],
+            "neighbours": int(settings.get("neighbours") or 0)}
     unknown = set(spec["globals"]) - set(FEATURE_GLOBALS)
     if unknown:
         raise ValueError(f"globals: unknown {sorted(unknown)}; choose from {list(FEATURE_GLOBALS)}")
@@ -245,6 +249,58 @@ def sequence_features(sequences: list[str], spec: dict) -> np.ndarray:
         windows = [s[start:end].ljust(len(motif), "N") for s in sequences]  # bases a short sequence lacks: mismatches
         blocks.append(np.array([[fewest_mismatches(w, motif)] for w in windows], dtype=np.float32))
     return np.concatenate(blocks, axis=1)
+
+
+class SharedKmerNeighbours:
+    """The labelled sequences that share at least one k-mer with a query: its neighbours. At k = 16 chance
+    matches are rare among a few thousand 81-nt sequences, so a neighbour overlaps the query. The promoter
+    set holds such overlapping fragments (close transcription starts of one region: 34 % of the promoters,
+    6 % of the non-promoters have a neighbour), and a query overlapping known promoters is most likely one too. Pickles as
+    its sequences and labels; the k-mer index is rebuilt on first use."""
+
+    def __init__(self, sequences: list[str], labels, k: int):
+        self.k, self.sequences = int(k), list(sequences)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self._index = None
+
+    def __getstate__(self) -> dict:
+        return {"k": self.k, "sequences": self.sequences, "labels": self.labels}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _index=None)
+
+    def _kmers(self, sequence: str) -> set[str]:
+        return {sequence[i:i + self.k] for i in range(len(sequence) - self.k + 1)}
+
+    def counts(self, sequences: list[str], self_rows=None) -> np.ndarray:
+        """(N, 4): neighbours that are positives, that are negatives; the most k-mers one positive and one
+        negative neighbour shares with the query. self_rows[i]: query i's own row among the labelled
+        sequences, left out (a training sequence is not its own neighbour)."""
+        if self._index is None:
+            self._index = collections.defaultdict(list)
+            for row, sequence in enumerate(self.sequences):
+                for kmer in self._kmers(sequence):
+                    self._index[kmer].append(row)
+        out = np.zeros((len(sequences), 4), dtype=np.float32)
+        for q, sequence in enumerate(sequences):
+            shared = collections.Counter(row for kmer in self._kmers(sequence) for row in self._index.get(kmer, ()))
+            if self_rows is not None:
+                shared.pop(int(self_rows[q]), None)
+            for column, label in enumerate((1, 0)):
+                found = [count for row, count in shared.items() if self.labels[row] == label]
+                out[q, column], out[q, 2 + column] = len(found), max(found, default=0)
+        return out
+
+    def features(self, sequences: list[str], self_rows=None) -> np.ndarray:
+        """(N, 4) for a linear model: log(1 + neighbours) of each class, the most k-mers shared per class."""
+        counts = self.counts(sequences, self_rows)
+        return np.concatenate([np.log1p(counts[:, :2]), counts[:, 2:]], axis=1)
+
+    def proba(self, sequences: list[str]) -> np.ndarray:
+        """The share of positives among the neighbours; NaN where there is none (no opinion)."""
+        counts = self.counts(sequences)
+        found = counts[:, 0] + counts[:, 1]
+        return np.where(found > 0, counts[:, 0] / np.maximum(found, 1), np.nan)
 
 
 def position_nucleotides(sequences: list[str], n: int) -> np.ndarray:

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .classify import (
+    SharedKmerNeighbours,
     encode_sequences,
     feature_spec,
     fewest_mismatches,
@@ -40,10 +41,11 @@ def stratified_subset(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.D
     return pd.concat(parts).sort_index().reset_index(drop=True)
 
 
-def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> dict:
-    """Stratified K-fold CV of task_cfg.model; fold results cached in `work` (resumable). Each fold keeps
-    task_cfg.validation_fraction of its training rows apart and scores the held-out fold with the weights
-    of the epoch with the best AUC on them (the rule every classifier follows)."""
+def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device, splits=None) -> dict:
+    """Stratified K-fold CV of task_cfg.model (or the given (training, held-out) splits); fold results
+    cached in `work` (resumable). Each fold keeps task_cfg.validation_fraction of its training rows apart
+    and scores the held-out fold with the weights of the epoch with the best AUC on them (the rule every
+    classifier follows)."""
     kind = task_cfg.model
     tokens = encode_sequences(list(frame.sequence))
     pairs = structure_input(cfg, kind, frame, tokens.shape[1])
@@ -51,7 +53,7 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
     folds = np.zeros(len(frame), dtype=np.int64)
     probabilities = np.zeros(len(frame))
     per_fold, histories, motifs = [], [], collections.Counter()
-    for fold, (train_idx, val_idx) in enumerate(cv_splits(labels, task_cfg.folds, cfg.seed)):
+    for fold, (train_idx, val_idx) in enumerate(splits or cv_splits(labels, task_cfg.folds, cfg.seed)):
         cache = work / f"fold{fold}.pkl"
         result = read_cache(cache)
         if result is None and kind in FEATURE_KINDS:  # no epochs to choose: it learns from every training row
@@ -73,12 +75,22 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device) -> di
             result = {"probs": probs, "history": history, "motifs": dict(found)}
             write_pickle(cache, result)
         folds[val_idx], probabilities[val_idx] = fold, result["probs"]
-        per_fold.append({"fold": fold, **binary_classification_metrics(labels[val_idx], result["probs"])})
+        per_fold.append({"fold": fold, **scores_where_given(labels[val_idx], result["probs"])})
         histories.append(result["history"])
         motifs.update(result["motifs"])
     summary = mean_over_folds(per_fold)
     return {"summary": summary, "per_fold": per_fold, "histories": histories, "motifs": motifs,
             "folds": folds, "probabilities": probabilities}
+
+
+def scores_where_given(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """The metrics on the rows the model has a probability for (a homology model abstains on the others,
+    NaN), and where it abstains on some, the share it scores as "coverage"."""
+    given = ~np.isnan(probs)
+    if not given.any():
+        return {**dict.fromkeys(SUMMARY_METRICS, float("nan")), "coverage": 0.0}
+    return binary_classification_metrics(labels[given], probs[given]) | ({} if given.all() else
+                                                                         {"coverage": float(given.mean())})
 
 
 def cv_splits(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -159,18 +171,21 @@ def promoter_key(cfg: Config) -> dict:
 
 
 def promoter_network_key(cfg: Config) -> dict:
-    """What stage 10's network folds depend on: every promoter setting but the linear model's, so tuning
-    that model (seconds) never retrains the network (minutes)."""
+    """What stage 10's network folds depend on: every promoter setting but the linear and homology models',
+    so tuning those (seconds) never retrains the network (minutes)."""
     key = promoter_key(cfg)
-    key["promoter"].pop("linear", None)
+    for kind in PROMOTER_BESIDE_NETWORK:
+        key["promoter"].pop(kind, None)
     return key
 
 
 def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
-    """Stratified K-fold CV of the network promoter.model and, where promoter.linear is set, of a
-    logistic regression on position-specific features (promoter.linear, sequence_features), in the same
-    folds. Served (reported, written as the OOF probability, loaded by the predict command): the mean
-    of their probabilities, fixed beforehand, so no choice is made on the scored rows."""
+    """Stratified K-fold CV of the network promoter.model and, in the same folds, where set, of a
+    logistic regression on position-specific features (promoter.linear, sequence_features) and of a
+    homology model (promoter.homology: the share of promoters among the training sequences sharing a
+    k-mer with the row; no opinion without any). Served (reported, written as the OOF probability, loaded
+    by the predict command): per row, the mean probability of the models that give one, fixed
+    beforehand, so no choice is made on the scored rows."""
     from .plots import plot_classifier_learning_curves, plot_confusion, plot_motifs, plot_roc_pr
 
     paths, pc = Paths(cfg), cfg.promoter
@@ -183,7 +198,7 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
         work = claim_work_dir(paths.run / "promoter" / kind, key, force)
         results[kind] = run_cv(cfg, with_kind(pc, kind), frame, work, device)
     result, folds = results[pc.model], results[pc.model]["folds"]
-    served = np.mean([r["probabilities"] for r in results.values()], axis=0)
+    served = served_mean([r["probabilities"] for r in results.values()])
     per_fold = per_fold_metrics(labels, folds, served)
     summary = mean_over_folds(per_fold)
     name = " + ".join(results)
@@ -199,7 +214,11 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     plot_classifier_learning_curves(figures[0], f"promoter ({pc.model})", result["histories"])
     plot_confusion(figures[1], f"promoter ({name}), {pc.folds}-fold CV", labels, served)
     roc_pr = paths.figures / "promoter_roc_pr.png"
-    curves = {k: (frame.label, r["probabilities"]) for k, r in results.items()}
+    curves = {}
+    for kind, r in results.items():  # a homology model: the rows it has an opinion on, where both classes are
+        given = ~np.isnan(r["probabilities"])
+        if len(np.unique(labels[given])) == 2:
+            curves[kind] = (labels[given], r["probabilities"][given])
     if len(results) > 1:
         curves[f"served: mean of {name}"] = (frame.label, served)
     plot_roc_pr(roc_pr, f"promoter, {pc.folds}-fold CV (OOF)", curves)
@@ -218,9 +237,17 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     return outputs, {k: round(v, 4) for k, v in summary.items() if k in ("accuracy", "mcc")}
 
 
+PROMOTER_BESIDE_NETWORK = ("linear", "homology")  # stage 10's models beside the network, each where set
+
+
+def served_mean(probabilities: list[np.ndarray]) -> np.ndarray:
+    """Per row, the mean probability of the models that give one (a homology model abstains, NaN)."""
+    return np.nanmean(np.stack(probabilities), axis=0)
+
+
 def promoter_models(cfg: Config) -> list[str]:
-    """Stage 10's models: the network promoter.model, then "linear" where promoter.linear is set."""
-    return [cfg.promoter.model] + (["linear"] if cfg.promoter.get("linear") else [])
+    """Stage 10's models: the network promoter.model, then "linear" and "homology" where they are set."""
+    return [cfg.promoter.model] + [kind for kind in PROMOTER_BESIDE_NETWORK if cfg.promoter.get(kind)]
 
 
 def _data_key(cfg: Config, section: str, task: str) -> dict:
@@ -260,7 +287,7 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
     return {**result, "metrics": binary_classification_metrics(frame.label.to_numpy()[test_idx], result["probs"])}
 
 
-FEATURE_KINDS = ("rf", "linear")  # scikit-learn models on sequence_features, saved with joblib
+FEATURE_KINDS = ("rf", "linear", "homology")  # no epochs (scikit-learn on sequence_features; neighbours), joblib
 
 
 def fit_feature_model_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_idx, scored: list,
@@ -272,27 +299,46 @@ def fit_feature_model_and_score(cfg: Config, task_cfg, kind: str, frame: pd.Data
 
 
 def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_idx):
-    """On sequence_features (task_cfg[kind]: ks, ends, globals, positions, boxes) of the train_idx rows:
-    kind "rf", a random forest of task_cfg.rf.trees trees; kind "linear", a logistic regression with L2
-    strength 1 / task_cfg.linear.C on standardized features. Both weigh the classes equally."""
+    """On the train_idx rows: kind "rf", a random forest of task_cfg.rf.trees trees, and kind "linear", a
+    logistic regression with L2 strength 1 / task_cfg.linear.C on standardized features, both on
+    sequence_features (task_cfg[kind]: ks, ends, globals, positions, boxes; with neighbours = k, also each
+    row's SharedKmerNeighbours.features among the other training rows, the index kept as the fitted
+    model's neighbours_) and weighing the classes equally; kind "homology", the SharedKmerNeighbours of
+    the training rows (k = task_cfg.homology.k)."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    settings = task_cfg[kind]
-    features = sequence_features(list(frame.sequence.iloc[train_idx]), feature_spec(settings))
+    settings, sequences = task_cfg[kind], list(frame.sequence.iloc[train_idx])
+    labels = frame.label.to_numpy()[train_idx]
+    if kind == "homology":
+        return SharedKmerNeighbours(sequences, labels, settings.k)
+    spec = feature_spec(settings)
+    features = sequence_features(sequences, spec)
+    neighbours = SharedKmerNeighbours(sequences, labels, spec["neighbours"]) if spec["neighbours"] else None
+    if neighbours is not None:
+        features = np.concatenate([features, neighbours.features(sequences, self_rows=np.arange(len(sequences)))], 1)
     if kind == "rf":
         estimator = RandomForestClassifier(n_estimators=settings.trees, class_weight="balanced_subsample",
                                            n_jobs=-1, random_state=cfg.seed)
     else:
         estimator = make_pipeline(StandardScaler(), LogisticRegression(C=settings.C, class_weight="balanced",
                                                                        max_iter=2000))
-    return estimator.fit(features, frame.label.to_numpy()[train_idx])
+    estimator.fit(features, labels)
+    estimator.neighbours_ = neighbours
+    return estimator
 
 
 def feature_model_proba(estimator, spec: dict, sequences: list[str]) -> np.ndarray:
-    return estimator.predict_proba(sequence_features(sequences, feature_spec(spec)))[:, 1]
+    """The fitted model's probabilities (a homology model's: NaN where a sequence has no neighbour)."""
+    if isinstance(estimator, SharedKmerNeighbours):
+        return estimator.proba(sequences)
+    features = sequence_features(sequences, feature_spec(spec))
+    neighbours = getattr(estimator, "neighbours_", None)
+    if neighbours is not None:
+        features = np.concatenate([features, neighbours.features(sequences)], axis=1)
+    return estimator.predict_proba(features)[:, 1]
 
 
 def save_feature_model(path: Path, kind: str, estimator, spec: dict) -> None:
@@ -497,7 +543,8 @@ def per_fold_metrics(labels: np.ndarray, folds: np.ndarray, probs: np.ndarray) -
 
 
 def mean_over_folds(per_fold: list[dict]) -> dict:
-    return {m: float(np.mean([f[m] for f in per_fold])) for m in SUMMARY_METRICS}
+    metrics = SUMMARY_METRICS + (("coverage",) if any("coverage" in f for f in per_fold) else ())
+    return {m: float(np.mean([f.get(m, 1.0) for f in per_fold])) for m in metrics}
 
 
 def with_kind(task_cfg, kind: str) -> Config:

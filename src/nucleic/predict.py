@@ -12,10 +12,12 @@ A bad record stops with one line naming the file and the record.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import io
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -92,11 +94,13 @@ def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFra
 
 
 def predict_classifier(cfg, records, weights: list[Path], path: Path, device) -> pd.DataFrame:
-    """The mean probability of every given model: networks (.pt, stages 10-12), random forests and
-    linear models (.joblib, stages 10-12). Sequences may be as long as the shortest length a network was trained on."""
+    """The served probability of the given models: networks (.pt), random forests, linear and homology
+    models (.joblib), all written by stages 10-12. Each kind's files (its CV folds) are averaged, then
+    the kinds, as the stage serves them (served_mean: a homology model without an opinion is left out).
+    Sequences may be as long as the shortest length a network was trained on."""
     from .classify import encode_sequences, load_classifier, predict_proba
     from .dna_data import DNA_ALPHABET
-    from .dna_tasks import feature_model_proba, is_feature_model
+    from .dna_tasks import feature_model_proba, is_feature_model, served_mean
     from .structures import pairing_probabilities
 
     feature_models = [load_feature_model(w) for w in weights if is_feature_model(w)]
@@ -104,14 +108,20 @@ def predict_classifier(cfg, records, weights: list[Path], path: Path, device) ->
     length = min((trained for _, trained in models), default=MAX_DNA_LENGTH)
     cleaned = clean_records(records, path, DNA_ALPHABET, length)
     sequences = [s for _, s in cleaned]
-    probabilities = [feature_model_proba(saved["estimator"], saved, sequences) for saved in feature_models]
+    per_kind = collections.defaultdict(list)  # each kind's folds (or its one served model)
+    for saved in feature_models:
+        per_kind[saved["kind"]].append(feature_model_proba(saved["estimator"], saved, sequences))
     if models:
         tokens = encode_sequences(sequences, length)
         reads_structure = any(getattr(model, "structure", False) for model, _ in models)
         pairs = pairing_probabilities(cfg, sequences, length) if reads_structure else None  # folded as in training
-        probabilities += [predict_proba(model, tokens, device, 256, pairs if getattr(model, "structure", False)
-                                        else None) for model, _ in models]
-    return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": np.mean(probabilities, axis=0)})
+        for model, _ in models:
+            per_kind[model.kind].append(predict_proba(model, tokens, device, 256,
+                                                      pairs if getattr(model, "structure", False) else None))
+    with warnings.catch_warnings():  # a homology model without an opinion on a row, in every fold
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = [np.nanmean(np.stack(probs), axis=0) for probs in per_kind.values()]
+    return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": served_mean(means)})
 
 
 def load_feature_model(path: Path) -> dict:
