@@ -111,17 +111,23 @@ def test_classifier_round_trip_from_csv(trained, tmp_path, data_dir):
     assert main(["promoter", "--input", str(source), "--output", str(out), *args[:2], *args[4:]]) == 0
     frame = pd.read_csv(out)
     assert list(frame.id) == [f"p{i}" for i in range(5)] and frame.probability.between(0, 1).all()
-    # The stage's served mean: the network's folds and the linear model's, as many of each
+    # The stage's served mean: each kind's folds averaged (network, linear, homology), then the kinds that
+    # have an opinion on the sequence
     from nucleic.config import load_config
     from nucleic.predict import default_weights
 
     cfg = load_config("smoke", args[5::2])  # the values of the fixture's --set pairs
     weights = default_weights(cfg, "promoter")
-    assert [w.suffix for w in weights] == [".pt"] * 5 + [".joblib"] * 5
-    network_only = tmp_path / "nt_only.csv"
-    assert main(["promoter", "--input", str(source), "--output", str(network_only), *args[:2], *args[4:],
-                 "--weights", *map(str, weights[:5])]) == 0
-    assert not np.allclose(pd.read_csv(network_only).probability, frame.probability)
+    assert [w.suffix for w in weights] == [".pt"] * 5 + [".joblib"] * 10
+    assert [w.parent.name for w in weights[5:]] == ["linear"] * 5 + ["homology"] * 5
+    alone = []
+    for name, files in (("nt", weights[:5]), ("linear", weights[5:10]), ("homology", weights[10:])):
+        path = tmp_path / f"{name}_only.csv"
+        assert main(["promoter", "--input", str(source), "--output", str(path), *args[:2], *args[4:],
+                     "--weights", *map(str, files)]) == 0
+        alone.append(pd.read_csv(path).probability.to_numpy())
+    assert not np.allclose(alone[0], frame.probability)
+    np.testing.assert_allclose(frame.probability, np.nanmean(np.stack(alone), axis=0), atol=2e-6)
 
 
 def test_missing_weights_name_the_stage(tmp_path, capsys):

@@ -241,8 +241,13 @@ PROMOTER_BESIDE_NETWORK = ("linear", "homology")  # stage 10's models beside the
 
 
 def served_mean(probabilities: list[np.ndarray]) -> np.ndarray:
-    """Per row, the mean probability of the models that give one (a homology model abstains, NaN)."""
-    return np.nanmean(np.stack(probabilities), axis=0)
+    """Per row, the mean probability of the models that give one (a homology model abstains, NaN); NaN
+    where none does."""
+    import warnings
+
+    with warnings.catch_warnings():  # numpy warns of a row with no probability at all
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(probabilities), axis=0)
 
 
 def promoter_models(cfg: Config) -> list[str]:

@@ -17,7 +17,6 @@ import csv
 import io
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,9 +117,7 @@ def predict_classifier(cfg, records, weights: list[Path], path: Path, device) ->
         for model, _ in models:
             per_kind[model.kind].append(predict_proba(model, tokens, device, 256,
                                                       pairs if getattr(model, "structure", False) else None))
-    with warnings.catch_warnings():  # a homology model without an opinion on a row, in every fold
-        warnings.simplefilter("ignore", RuntimeWarning)
-        means = [np.nanmean(np.stack(probs), axis=0) for probs in per_kind.values()]
+    means = [served_mean(probs) for probs in per_kind.values()]  # (a homology model's folds: those with an opinion)
     return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": served_mean(means)})
 
 
