@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 
-from nucleic.classify import SharedKmerNeighbours
 from nucleic.config import Paths, config_argparser, config_from_args
 from nucleic.dna_tasks import mean_over_folds, per_fold_metrics, promoter_frame, promoter_models, run_cv, served_mean, with_kind
 from nucleic.engine import setup_device
@@ -62,8 +61,8 @@ def main() -> None:
     labels, sequences = frame.label.to_numpy(), list(frame.sequence)
     k = int((pc.get("homology") or {}).get("k") or 16)
     groups = overlap_groups(sequences, k)
-    with_neighbour = SharedKmerNeighbours(sequences, labels, k).counts(sequences, self_rows=np.arange(len(labels)))
-    linked = with_neighbour[:, :2].sum(axis=1) > 0
+    _, group_of_row, group_sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    linked = group_sizes[group_of_row] > 1  # shares a k-mer with another row
     splits = grouped_splits(labels, groups, pc.folds, cfg.seed)
     start, results = time.time(), {}
     for kind in args.models or promoter_models(cfg):
