@@ -2,8 +2,9 @@
 """How much of stage 10's CV figure is overlap? v9d3.csv holds overlapping fragments (close transcription
 starts of one region), so a random K-fold puts pieces of one region on both sides; the homology model and
 the linear model's neighbour features read exactly that, and a large network can memorize it. This
-benchmark keeps every group of overlapping sequences (linked by a shared k-mer, k = promoter.homology.k)
-inside one fold (stratified group K-fold) and runs stage 10's models and served mean there.
+benchmark keeps every group of overlapping sequences (linked by a shared k-mer, k = promoter.homology.k,
+on either strand where promoter.homology.both_strands) inside one fold (stratified group K-fold) and runs
+stage 10's models and served mean there.
 
     python benchmarks/promoter_overlap.py             # cpu preset: every model of stage 10
     python benchmarks/promoter_overlap.py --models linear homology
@@ -17,6 +18,7 @@ import time
 
 import numpy as np
 
+from nucleic.classify import reverse_complement
 from nucleic.config import Paths, config_argparser, config_from_args
 from nucleic.dna_tasks import mean_over_folds, per_fold_metrics, promoter_frame, promoter_models, run_cv, served_mean, with_kind
 from nucleic.engine import setup_device
@@ -26,8 +28,9 @@ from nucleic.stage import claim_work_dir
 METRICS = ("accuracy", "mcc", "auc")
 
 
-def overlap_groups(sequences: list[str], k: int) -> np.ndarray:
-    """Each sequence's group: sequences sharing a k-mer are linked, groups are the linked components."""
+def overlap_groups(sequences: list[str], k: int, both_strands: bool = False) -> np.ndarray:
+    """Each sequence's group: sequences sharing a k-mer (with both_strands, on either strand) are linked,
+    groups are the linked components."""
     parent = list(range(len(sequences)))
 
     def root(i):
@@ -38,9 +41,10 @@ def overlap_groups(sequences: list[str], k: int) -> np.ndarray:
 
     first_holder = {}
     for row, sequence in enumerate(sequences):
-        for i in range(len(sequence) - k + 1):
-            holder = first_holder.setdefault(sequence[i:i + k], row)
-            parent[root(row)] = root(holder)
+        for strand in (sequence, reverse_complement(sequence)) if both_strands else (sequence,):
+            for i in range(len(strand) - k + 1):
+                holder = first_holder.setdefault(strand[i:i + k], row)
+                parent[root(row)] = root(holder)
     return np.array([root(i) for i in range(len(sequences))])
 
 
@@ -59,8 +63,9 @@ def main() -> None:
     device = setup_device(cfg.train)
     frame = promoter_frame(cfg)
     labels, sequences = frame.label.to_numpy(), list(frame.sequence)
-    k = int((pc.get("homology") or {}).get("k") or 16)
-    groups = overlap_groups(sequences, k)
+    homology = pc.get("homology") or {}
+    k, both_strands = int(homology.get("k") or 16), bool(homology.get("both_strands"))
+    groups = overlap_groups(sequences, k, both_strands)
     _, group_of_row, group_sizes = np.unique(groups, return_inverse=True, return_counts=True)
     linked = group_sizes[group_of_row] > 1  # shares a k-mer with another row
     splits = grouped_splits(labels, groups, pc.folds, cfg.seed)
@@ -76,7 +81,7 @@ def main() -> None:
                                                if m in METRICS}
     stage_metrics = paths.oof / "promoter_metrics.json"
     random_folds = json.loads(stage_metrics.read_text()) if stage_metrics.exists() else None
-    report = {"k": k, "rows": len(labels), "groups": int(len(np.unique(groups))),
+    report = {"k": k, "both_strands": both_strands, "rows": len(labels), "groups": int(len(np.unique(groups))),
               "share_with_a_neighbour": {"promoters": float(linked[labels == 1].mean()),
                                          "non_promoters": float(linked[labels == 0].mean())},
               "grouped_folds": rows, "minutes": round((time.time() - start) / 60, 1),

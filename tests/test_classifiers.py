@@ -431,6 +431,28 @@ def test_neighbours_are_the_labelled_sequences_sharing_a_kmer_never_a_row_itself
     assert copy._index is None and copy.counts([mixed]).tolist() == index.counts([mixed]).tolist()
 
 
+def test_with_both_strands_a_fragment_read_from_the_other_strand_is_a_neighbour():
+    import pickle
+
+    from nucleic.classify import SharedKmerNeighbours, reverse_complement
+
+    assert reverse_complement("AACGTTTGCN") == "NGCAAACGTT"
+    rng = np.random.default_rng(1)
+    positives, negatives = overlapping_fragments(rng, 2, 3), overlapping_fragments(rng, 1, 2)
+    other_strand = reverse_complement(positives[1])  # the middle fragment of region 0, read from its other strand
+    one, both = (SharedKmerNeighbours(positives + negatives, [1] * 6 + [0] * 2, k=16, both_strands=b) for b in (False, True))
+    assert one.counts([other_strand])[0].tolist() == [0] * 4
+    assert both.counts([other_strand])[0].tolist() == [3, 0, 25, 0]  # as the fragment itself finds them
+    assert both.counts([positives[1]]).tolist() == one.counts([positives[1]]).tolist()  # same strand: unchanged
+    np.testing.assert_allclose(both.proba([other_strand, reverse_complement(negatives[0])]), [1, 0])
+    copy = pickle.loads(pickle.dumps(both))
+    assert copy.both_strands and copy.counts([other_strand]).tolist() == both.counts([other_strand]).tolist()
+    saved_before = {key: value for key, value in one.__getstate__().items() if key != "both_strands"}
+    old = SharedKmerNeighbours.__new__(SharedKmerNeighbours)
+    old.__setstate__(saved_before)  # a model pickled before both_strands existed reads one strand
+    assert not old.both_strands and old.counts([other_strand])[0].tolist() == [0] * 4
+
+
 def test_the_served_mean_leaves_out_a_model_without_an_opinion_and_a_homology_model_serves_through_predict(tmp_path):
     from nucleic.config import load_config
     from nucleic.dna_tasks import scores_where_given, served_mean
@@ -631,6 +653,11 @@ def test_promoter_overlap_benchmark_keeps_each_group_of_overlapping_sequences_in
     sequences = overlapping_fragments(rng, 6, 3) + ["".join(rng.choice(list("ACGT"), 40)) for _ in range(6)]
     groups = overlap.overlap_groups(sequences, 16)
     assert [len(set(groups[r * 3:r * 3 + 3])) for r in range(6)] == [1] * 6 and len(set(groups)) == 12
+    from nucleic.classify import reverse_complement
+
+    flipped = sequences[:1] + [reverse_complement(s) for s in sequences[1:3]] + sequences[3:]  # region 0 on two strands
+    assert len(set(overlap.overlap_groups(flipped, 16, both_strands=True)[:3])) == 1
+    assert len(set(overlap.overlap_groups(flipped, 16)[:3])) == 2  # the two flipped fragments still share a strand
     labels = np.array([1] * 12 + [0] * 12)
     for train, held_out in overlap.grouped_splits(labels, groups, 3, 0):
         assert not set(groups[train]) & set(groups[held_out])

@@ -209,12 +209,13 @@ def feature_spec(settings) -> dict:
     saved model: ks (k-mer sizes), ends (nucleotides read at each end), globals (any of FEATURE_GLOBALS),
     positions (one-hot nucleotides of the first n positions, for aligned sequences), boxes ([motif, start,
     end] each: its fewest mismatches within those positions), neighbours (k: SharedKmerNeighbours.features
-    against the training rows, added by the fitted model). Missing keys mean none, as in forests saved
-    before ends, globals, positions, boxes and neighbours existed."""
+    against the training rows, added by the fitted model; neighbours_both_strands: found on either strand).
+    Missing keys mean none, as in forests saved before ends, globals, positions, boxes and neighbours existed."""
     spec = {"ks": [int(k) for k in settings.get("ks") or []], "ends": int(settings.get("ends") or 0),
             "globals": list(settings.get("globals") or []), "positions": int(settings.get("positions") or 0),
             "boxes": [[str(motif).upper(), int(start), int(end)] for motif, start, end in settings.get("boxes") or []],
-            "neighbours": int(settings.get("neighbours") or 0)}
+            "neighbours": int(settings.get("neighbours") or 0),
+            "neighbours_both_strands": bool(settings.get("neighbours_both_strands"))}
     unknown = set(spec["globals"]) - set(FEATURE_GLOBALS)
     if unknown:
         raise ValueError(f"globals: unknown {sorted(unknown)}; choose from {list(FEATURE_GLOBALS)}")
@@ -251,26 +252,40 @@ def sequence_features(sequences: list[str], spec: dict) -> np.ndarray:
     return np.concatenate(blocks, axis=1)
 
 
+_COMPLEMENT = str.maketrans("ACGTUNacgtun", "TGCAANtgcaan")
+
+
+def reverse_complement(sequence: str) -> str:
+    """The other strand read 5' to 3' (DNA letters; U pairs with A, N stays N)."""
+    return sequence.translate(_COMPLEMENT)[::-1]
+
+
 class SharedKmerNeighbours:
     """The labelled sequences that share at least one k-mer with a query: its neighbours. At k = 16 chance
     matches are rare among a few thousand 81-nt sequences, so a neighbour overlaps the query. The promoter
     set holds such overlapping fragments (close transcription starts of one region: 34 % of the promoters,
-    6 % of the non-promoters have a neighbour), and a query overlapping known promoters is most likely one too. Pickles as
-    its sequences and labels; the k-mer index is rebuilt on first use."""
+    6 % of the non-promoters have a neighbour), and a query overlapping known promoters is most likely one too.
+    With both_strands, a k-mer of the query's reverse complement counts too: a fragment of the same region
+    read from the other strand (5 % more of the promoter set's rows find a neighbour). Pickles as its
+    sequences and labels; the k-mer index is rebuilt on first use."""
 
-    def __init__(self, sequences: list[str], labels, k: int):
-        self.k, self.sequences = int(k), list(sequences)
+    def __init__(self, sequences: list[str], labels, k: int, both_strands: bool = False):
+        self.k, self.sequences, self.both_strands = int(k), list(sequences), bool(both_strands)
         self.labels = np.asarray(labels, dtype=np.int64)
         self._index = None
 
     def __getstate__(self) -> dict:
-        return {"k": self.k, "sequences": self.sequences, "labels": self.labels}
+        return {"k": self.k, "sequences": self.sequences, "labels": self.labels, "both_strands": self.both_strands}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _index=None)
+        self.__dict__.update({"both_strands": False, **state}, _index=None)  # saved before both_strands: one strand
 
     def _kmers(self, sequence: str) -> set[str]:
         return {sequence[i:i + self.k] for i in range(len(sequence) - self.k + 1)}
+
+    def _query_kmers(self, sequence: str) -> set[str]:
+        kmers = self._kmers(sequence)
+        return kmers | self._kmers(reverse_complement(sequence)) if self.both_strands else kmers
 
     def counts(self, sequences: list[str], self_rows=None) -> np.ndarray:
         """(N, 4): neighbours that are positives, that are negatives; the most k-mers one positive and one
@@ -283,7 +298,8 @@ class SharedKmerNeighbours:
                     self._index[kmer].append(row)
         out = np.zeros((len(sequences), 4), dtype=np.float32)
         for q, sequence in enumerate(sequences):
-            shared = collections.Counter(row for kmer in self._kmers(sequence) for row in self._index.get(kmer, ()))
+            shared = collections.Counter(row for kmer in self._query_kmers(sequence)
+                                         for row in self._index.get(kmer, ()))
             if self_rows is not None:
                 shared.pop(int(self_rows[q]), None)
             for column, label in enumerate((1, 0)):

@@ -318,10 +318,11 @@ def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, tra
     settings, sequences = task_cfg[kind], list(frame.sequence.iloc[train_idx])
     labels = frame.label.to_numpy()[train_idx]
     if kind == "homology":
-        return SharedKmerNeighbours(sequences, labels, settings.k)
+        return SharedKmerNeighbours(sequences, labels, settings.k, settings.get("both_strands", False))
     spec = feature_spec(settings)
     features = sequence_features(sequences, spec)
-    neighbours = SharedKmerNeighbours(sequences, labels, spec["neighbours"]) if spec["neighbours"] else None
+    neighbours = (SharedKmerNeighbours(sequences, labels, spec["neighbours"], spec["neighbours_both_strands"])
+                  if spec["neighbours"] else None)
     if neighbours is not None:
         features = np.concatenate([features, neighbours.features(sequences, self_rows=np.arange(len(sequences)))], 1)
     if kind == "rf":
