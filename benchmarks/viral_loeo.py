@@ -25,10 +25,19 @@ import numpy as np
 
 from nucleic.config import Paths, config_argparser, config_from_args
 from nucleic.dna_data import read_viral
-from nucleic.dna_tasks import choose_blend, fit_and_score, grouped_auc, stratified_split, stratified_subset, task_input, viral_key
+from nucleic.dna_tasks import (
+    choose_blend,
+    fit_and_score,
+    grouped_auc,
+    scores_where_given,
+    served_mean,
+    stratified_split,
+    stratified_subset,
+    task_input,
+    viral_key,
+)
 from nucleic.engine import setup_device
 from nucleic.io_utils import write_json
-from nucleic.metrics import binary_classification_metrics
 from nucleic.plots import plot_grouped_scores
 from nucleic.stage import artifact_meta, claim_work_dir
 
@@ -62,7 +71,7 @@ def main() -> None:
             print(f"{experiment:22s} {kind:9s} n={len(test_idx):6d} viral={viral:4d} "
                   f"AUC {_show(row['auc'])} PR-AUC {_show(row['pr_auc'])} ({row['minutes']} min)", flush=True)
         served, _ = choose_blend(labels[val_idx], val_probs, groups[val_idx])
-        probs = np.mean([pooled[kind][test_idx] for kind in served], axis=0)
+        probs = served_mean([pooled[kind][test_idx] for kind in served])
         pooled["served"][test_idx], rows[f"{experiment}/served"] = probs, _row(labels[test_idx], probs, 0.0)
         rows[f"{experiment}/served"]["models"] = list(served)
         print(f"{experiment:22s} served ({' + '.join(served)}): AUC {_show(rows[f'{experiment}/served']['auc'])}",
@@ -73,14 +82,15 @@ def main() -> None:
         mine = [r for key, r in rows.items() if key.endswith(f"/{kind}") and r["auc"] is not None]
         if not mine:
             continue
-        everything = binary_classification_metrics(labels, pooled[kind])
+        everything = scores_where_given(labels, pooled[kind])  # a homology model: the contigs it scores
         summary[kind] = {"mean_auc": float(np.mean([r["auc"] for r in mine])),
                          "mean_pr_auc": float(np.mean([r["pr_auc"] for r in mine])),
                          "pooled_auc": everything["auc"], "pooled_pr_auc": everything["pr_auc"],
-                         "experiments_scored": len(mine)}
+                         "experiments_scored": len(mine), **_coverage(everything)}
         print(f"{kind:9s} mean over {len(mine)} experiments: AUC {summary[kind]['mean_auc']:.4f} "
               f"PR-AUC {summary[kind]['mean_pr_auc']:.4f}; pooled AUC {everything['auc']:.4f} "
-              f"PR-AUC {everything['pr_auc']:.4f}")
+              f"PR-AUC {everything['pr_auc']:.4f}" + (f"; scores {everything['coverage']:.1%} of the contigs"
+                                                     if "coverage" in everything else ""))
     blends = fixed_blends(models, pooled, labels, groups)
     suffix = "" if args.name == "default" else f"_{args.name}"
     figure = Paths(cfg).figures / f"viral_loeo{suffix}.png"
@@ -97,25 +107,37 @@ def main() -> None:
 
 
 def fixed_blends(models: list[str], pooled: dict, labels: np.ndarray, groups: np.ndarray) -> dict:
-    """Every mean of two or more models, the same one for every held-out experiment: its mean AUC over the
-    experiments with a viral contig. Read after the fact, so the best row is chosen on the held-out
+    """Every mean of two or more models (served_mean), the same one for every held-out experiment: its mean
+    AUC over the experiments with a viral contig; a mean that leaves a contig without a probability (only
+    homology models) is skipped. Read after the fact, so the best row is chosen on the held-out
     experiments themselves: a ceiling for a fixed blend, not a rule's score."""
     import itertools
 
     table = {}
     for size in range(2, len(models) + 1):
         for blend in itertools.combinations(models, size):
-            table[" + ".join(blend)] = grouped_auc(labels, np.mean([pooled[kind] for kind in blend], axis=0), groups)
+            mean = served_mean([pooled[kind] for kind in blend])
+            if not np.isnan(mean).any():
+                table[" + ".join(blend)] = grouped_auc(labels, mean, groups)
     for name, auc in sorted(table.items(), key=lambda item: -item[1]):
         print(f"fixed blend {name:30s} mean AUC over the experiments with a viral contig {auc:.4f}")
     return table
 
 
 def _row(labels: np.ndarray, probs: np.ndarray, minutes: float) -> dict:
-    """AUC-ROC and PR-AUC of one held-out experiment (None without a viral contig), its size, minutes."""
-    scores = binary_classification_metrics(labels, probs) if labels.sum() else {"auc": None, "pr_auc": None}
-    return {"auc": scores["auc"], "pr_auc": scores["pr_auc"], "n_test": len(labels), "n_viral": int(labels.sum()),
-            "minutes": minutes}
+    """AUC-ROC and PR-AUC of one held-out experiment (None without a viral contig or, for a homology
+    model, without both classes among the contigs it scores, then also its coverage), its size, minutes."""
+    scores = scores_where_given(labels, probs)
+    return {"auc": _number(scores["auc"]), "pr_auc": _number(scores["pr_auc"]), "n_test": len(labels),
+            "n_viral": int(labels.sum()), "minutes": minutes, **_coverage(scores)}
+
+
+def _number(value: float) -> float | None:
+    return None if np.isnan(value) else value
+
+
+def _coverage(scores: dict) -> dict:
+    return {"coverage": scores["coverage"]} if "coverage" in scores else {}
 
 
 def _show(value) -> str:

@@ -241,14 +241,19 @@ def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepare
     assert load_kernel("11_viral").main(args) == 0
     metrics = json.loads((workspace / "oof" / "viral_metrics.json").read_text())
     assert metrics["auc"] == metrics["results"]["experiment/served"]["auc"]
+    models = ("nt", "danq", "viraminer", "rf", "homology")
     assert sorted(metrics["results"]) == sorted(f"{p}/{m}" for p in ("experiment", "random_split")
-                                                for m in ("nt", "danq", "viraminer", "rf", "served"))
+                                                for m in (*models, "served"))
     assert metrics["results"]["experiment/nt"]["n_test"] == metrics["results"]["experiment/rf"]["n_test"]
+    # the homology model abstains on contigs without a neighbour in another experiment: scored where it speaks
+    assert 0 <= metrics["results"]["experiment/homology"]["coverage"] < 1
     for figure in ("viral_roc_pr.png", "viral_learning_curves.png", "viral_confusion.png"):
         assert (workspace / "figures" / figure).stat().st_size > 10_000
     served = metrics["served"]["models"]
-    assert served and set(served) <= {"nt", "danq", "viraminer", "rf"}
-    weights = [workspace / "work" / "smoke" / "viral" / f"serve_{k}.{'joblib' if k == 'rf' else 'pt'}" for k in served]
+    assert served and set(served) <= set(models) and served != ["homology"]
+    from nucleic.dna_tasks import weights_suffix
+
+    weights = [workspace / "work" / "smoke" / "viral" / f"serve_{k}{weights_suffix(k)}" for k in served]
     assert all(w.exists() for w in weights), "the served models are trained on every experiment"
     contigs = pd.read_csv(data_dir / "viral" / "exp3_2013_H4.csv", header=None, names=["id", "sequence", "label"])
     source = tmp_path / "contigs.fa"
@@ -453,6 +458,42 @@ def test_with_both_strands_a_fragment_read_from_the_other_strand_is_a_neighbour(
     assert not old.both_strands and old.counts([other_strand])[0].tolist() == [0] * 4
 
 
+def test_neighbours_skip_low_complexity_kmers_and_with_groups_come_from_the_other_groups_only():
+    import pickle
+
+    from nucleic.classify import SharedKmerNeighbours
+
+    rng = np.random.default_rng(2)
+    region = overlapping_fragments(rng, 1, 3)  # three overlapping fragments of one region
+    tail = "A" * 30
+    sequences = [region[0], region[1], "".join(rng.choice(list("ACGT"), 40)) + "G" + tail]
+    labels, groups = [1, 1, 0], ["run1", "run2", "run1"]
+    plain = SharedKmerNeighbours(sequences, labels, k=16, groups=groups)
+    filtered = SharedKmerNeighbours(sequences, labels, k=16, max_base_share=0.6, groups=groups)
+    query = "".join(rng.choice(list("ACGT"), 40)) + "C" + tail  # shares only the poly-A 16-mer with row 2
+    assert plain.counts([query])[0].tolist() == [0, 1, 0, 1] and filtered.counts([query])[0].tolist() == [0] * 4
+    # region[2] overlaps rows 0 (run1) and 1 (run2); as a run1 contig it may only use run2's
+    assert filtered.counts([region[2]])[0, 0] == 2
+    assert filtered.counts([region[2]], query_groups=["run1"])[0].tolist() == [1, 0, 19, 0]
+    np.testing.assert_allclose(filtered.proba([region[2], region[2]], ["run1", "run3"]), [1, 1])
+    assert filtered.proba([region[0]], ["run1"])[0] == 1  # row 1 is run2's
+    assert np.isnan(SharedKmerNeighbours(sequences[:1], [1], k=16, groups=["run1"]).proba([region[1]], ["run1"])[0])
+    copy = pickle.loads(pickle.dumps(filtered))
+    assert copy.max_base_share == 0.6 and list(copy.groups) == groups
+    with pytest.raises(ValueError, match="no groups"):
+        SharedKmerNeighbours(sequences, labels, k=16).counts([query], query_groups=["run1"])
+
+
+def test_a_blend_is_chosen_only_where_it_scores_every_row_so_a_homology_model_serves_beside_another():
+    labels = np.array([0, 0, 0, 1, 0, 1, 0, 1])
+    forest = np.array([0.1, 0.2, 0.6, 0.5, 0.3, 0.9, 0.7, 0.8])  # two negatives ranked above a positive
+    homology = np.array([np.nan, np.nan, 0.0, 1.0, np.nan, np.nan, np.nan, np.nan])  # right where it speaks
+    assert choose_blend(labels, {"rf": forest}) == (("rf",), pytest.approx(13 / 15))
+    models, auc = choose_blend(labels, {"rf": forest, "homology": homology})
+    assert models == ("rf", "homology") and auc == 1.0  # row 2 drops to 0.3, row 3 rises to 0.75
+    assert choose_blend(labels, {"rf": np.full(8, 0.5), "homology": homology})[0] == ("rf", "homology")
+
+
 def test_the_served_mean_leaves_out_a_model_without_an_opinion_and_a_homology_model_serves_through_predict(tmp_path):
     from nucleic.config import load_config
     from nucleic.dna_tasks import scores_where_given, served_mean
@@ -548,18 +589,22 @@ def test_viral_leave_one_experiment_out_benchmark_scores_every_experiment(data_d
     from conftest import run_script
 
     proc = run_script([sys.executable, "benchmarks/viral_loeo.py", "--preset", "smoke", "--models", "viraminer", "rf",
-                       *isolated(tmp_path)], env={"NT_DATA_DIR": str(data_dir)}, timeout=900)
+                       "homology", *isolated(tmp_path)], env={"NT_DATA_DIR": str(data_dir)}, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "oof" / "viral_loeo.json").read_text())
     experiments = sorted(p.stem for p in (data_dir / "viral").glob("exp*.csv"))
     assert sorted({key.split("/")[0] for key in report["results"]}) == experiments
     for experiment in experiments:
         served = report["results"][f"{experiment}/served"]
-        assert set(served["models"]) <= {"viraminer", "rf"}
+        assert set(served["models"]) <= {"viraminer", "rf", "homology"} and served["models"] != ["homology"]
         if served["n_viral"]:
             assert 0 <= served["auc"] <= 1 and report["results"][f"{experiment}/rf"]["auc"] is not None
-    assert set(report["summary"]) == {"viraminer", "rf", "served"}
-    assert list(report["fixed_blends"]) == ["viraminer + rf"] and 0 <= report["fixed_blends"]["viraminer + rf"] <= 1
+        homology = report["results"][f"{experiment}/homology"]  # abstains without a neighbour in another run
+        assert 0 <= homology["coverage"] < 1 and "coverage" not in report["results"][f"{experiment}/rf"]
+    assert {"viraminer", "rf", "served"} <= set(report["summary"])
+    assert set(report["fixed_blends"]) == {"viraminer + rf", "viraminer + homology", "rf + homology",
+                                           "viraminer + rf + homology"}
+    assert all(0 <= auc <= 1 for auc in report["fixed_blends"].values())
     assert (tmp_path / "figures" / "viral_loeo.png").stat().st_size > 10_000
 
 

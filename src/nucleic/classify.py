@@ -266,31 +266,47 @@ class SharedKmerNeighbours:
     set holds such overlapping fragments (close transcription starts of one region: 34 % of the promoters,
     6 % of the non-promoters have a neighbour), and a query overlapping known promoters is most likely one too.
     With both_strands, a k-mer of the query's reverse complement counts too: a fragment of the same region
-    read from the other strand (5 % more of the promoter set's rows find a neighbour). Pickles as its
-    sequences and labels; the k-mer index is rebuilt on first use."""
+    read from the other strand (5 % more of the promoter set's rows find a neighbour). max_base_share: a
+    k-mer with more than that share of one base (poly-A tails, simple repeats) links nothing. groups (the
+    labelled sequences' sequencing experiments): a query given its own group finds neighbours in the other
+    groups only, as a new experiment's contig does. Pickles as its settings, sequences and labels; the
+    k-mer index is rebuilt on first use."""
 
-    def __init__(self, sequences: list[str], labels, k: int, both_strands: bool = False):
+    def __init__(self, sequences: list[str], labels, k: int, both_strands: bool = False,
+                 max_base_share: float | None = None, groups=None):
         self.k, self.sequences, self.both_strands = int(k), list(sequences), bool(both_strands)
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.max_base_share = None if max_base_share is None else float(max_base_share)
+        self.groups = None if groups is None else np.asarray(groups)
         self._index = None
 
+    _STATE = {"both_strands": False, "max_base_share": None, "groups": None}  # the defaults of older pickles
+
     def __getstate__(self) -> dict:
-        return {"k": self.k, "sequences": self.sequences, "labels": self.labels, "both_strands": self.both_strands}
+        return {"k": self.k, "sequences": self.sequences, "labels": self.labels,
+                **{key: getattr(self, key) for key in self._STATE}}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"both_strands": False, **state}, _index=None)  # saved before both_strands: one strand
+        self.__dict__.update({**self._STATE, **state}, _index=None)
 
     def _kmers(self, sequence: str) -> set[str]:
-        return {sequence[i:i + self.k] for i in range(len(sequence) - self.k + 1)}
+        kmers = {sequence[i:i + self.k] for i in range(len(sequence) - self.k + 1)}
+        if self.max_base_share is None:
+            return kmers
+        most = self.max_base_share * self.k
+        return {kmer for kmer in kmers if max(kmer.count(base) for base in "ACGT") <= most}
 
     def _query_kmers(self, sequence: str) -> set[str]:
         kmers = self._kmers(sequence)
         return kmers | self._kmers(reverse_complement(sequence)) if self.both_strands else kmers
 
-    def counts(self, sequences: list[str], self_rows=None) -> np.ndarray:
+    def counts(self, sequences: list[str], self_rows=None, query_groups=None) -> np.ndarray:
         """(N, 4): neighbours that are positives, that are negatives; the most k-mers one positive and one
         negative neighbour shares with the query. self_rows[i]: query i's own row among the labelled
-        sequences, left out (a training sequence is not its own neighbour)."""
+        sequences, left out (a training sequence is not its own neighbour). query_groups[i]: query i's
+        group; labelled sequences of that group are left out (needs groups)."""
+        if query_groups is not None and self.groups is None:
+            raise ValueError("query_groups given, but the labelled sequences have no groups")
         if self._index is None:
             self._index = collections.defaultdict(list)
             for row, sequence in enumerate(self.sequences):
@@ -302,6 +318,8 @@ class SharedKmerNeighbours:
                                          for row in self._index.get(kmer, ()))
             if self_rows is not None:
                 shared.pop(int(self_rows[q]), None)
+            if query_groups is not None:
+                shared = {row: count for row, count in shared.items() if self.groups[row] != query_groups[q]}
             for column, label in enumerate((1, 0)):
                 found = [count for row, count in shared.items() if self.labels[row] == label]
                 out[q, column], out[q, 2 + column] = len(found), max(found, default=0)
@@ -312,9 +330,9 @@ class SharedKmerNeighbours:
         counts = self.counts(sequences, self_rows)
         return np.concatenate([np.log1p(counts[:, :2]), counts[:, 2:]], axis=1)
 
-    def proba(self, sequences: list[str]) -> np.ndarray:
+    def proba(self, sequences: list[str], query_groups=None) -> np.ndarray:
         """The share of positives among the neighbours; NaN where there is none (no opinion)."""
-        counts = self.counts(sequences)
+        counts = self.counts(sequences, query_groups=query_groups)
         found = counts[:, 0] + counts[:, 1]
         return np.where(found > 0, counts[:, 0] / np.maximum(found, 1), np.nan)
 

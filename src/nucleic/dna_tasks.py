@@ -83,6 +83,17 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device, split
             "folds": folds, "probabilities": probabilities}
 
 
+def where_given(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The labels and probabilities of the rows with a probability (a homology model abstains: NaN)."""
+    given = ~np.isnan(probs)
+    return np.asarray(labels)[given], probs[given]
+
+
+def scorable(labels: np.ndarray, probs: np.ndarray) -> bool:
+    """Whether the rows with a probability hold both classes (an AUC exists)."""
+    return len(np.unique(where_given(labels, probs)[0])) == 2
+
+
 def scores_where_given(labels: np.ndarray, probs: np.ndarray) -> dict:
     """The metrics on the rows the model has a probability for (a homology model abstains on the others,
     NaN), and where it abstains on some, the share it scores as "coverage"."""
@@ -214,11 +225,8 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     plot_classifier_learning_curves(figures[0], f"promoter ({pc.model})", result["histories"])
     plot_confusion(figures[1], f"promoter ({name}), {pc.folds}-fold CV", labels, served)
     roc_pr = paths.figures / "promoter_roc_pr.png"
-    curves = {}
-    for kind, r in results.items():  # a homology model: the rows it has an opinion on, where both classes are
-        given = ~np.isnan(r["probabilities"])
-        if len(np.unique(labels[given])) == 2:
-            curves[kind] = (labels[given], r["probabilities"][given])
+    curves = {kind: where_given(labels, r["probabilities"]) for kind, r in results.items()
+              if scorable(labels, r["probabilities"])}  # a homology model: the rows it has an opinion on
     if len(results) > 1:
         curves[f"served: mean of {name}"] = (frame.label, served)
     plot_roc_pr(roc_pr, f"promoter, {pc.folds}-fold CV (OOF)", curves)
@@ -289,7 +297,7 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
             save_classifier(cache.with_suffix(weights_suffix(kind)), kind, model_settings(task_cfg, kind), tokens.shape[1], model)
         result = {"probs": probs[0], "history": history} | ({} if val_idx is None else {"val_probs": probs[1]})
         write_pickle(cache, result)
-    return {**result, "metrics": binary_classification_metrics(frame.label.to_numpy()[test_idx], result["probs"])}
+    return {**result, "metrics": scores_where_given(frame.label.to_numpy()[test_idx], result["probs"])}
 
 
 FEATURE_KINDS = ("rf", "linear", "homology")  # no epochs (scikit-learn on sequence_features; neighbours), joblib
@@ -300,7 +308,9 @@ def fit_feature_model_and_score(cfg: Config, task_cfg, kind: str, frame: pd.Data
     """The feature model `kind` fitted on train_idx and saved to `weights`: its probabilities of each row set in scored."""
     estimator, spec = fit_feature_model(cfg, task_cfg, kind, frame, train_idx), feature_spec(task_cfg[kind])
     save_feature_model(weights, kind, estimator, spec)
-    return [feature_model_proba(estimator, spec, list(frame.sequence.iloc[rows])) for rows in scored]
+    with_groups = getattr(estimator, "groups", None) is not None  # a homology model across experiments
+    return [feature_model_proba(estimator, spec, list(frame.sequence.iloc[rows]),
+                                frame.group.to_numpy()[rows] if with_groups else None) for rows in scored]
 
 
 def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_idx):
@@ -309,7 +319,8 @@ def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, tra
     sequence_features (task_cfg[kind]: ks, ends, globals, positions, boxes; with neighbours = k, also each
     row's SharedKmerNeighbours.features among the other training rows, the index kept as the fitted
     model's neighbours_) and weighing the classes equally; kind "homology", the SharedKmerNeighbours of
-    the training rows (k = task_cfg.homology.k)."""
+    the training rows (task_cfg.homology: k, both_strands, max_base_share; with other_groups_only, a row
+    of one experiment finds its neighbours in the other experiments only, as a new experiment's would)."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -318,7 +329,9 @@ def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, tra
     settings, sequences = task_cfg[kind], list(frame.sequence.iloc[train_idx])
     labels = frame.label.to_numpy()[train_idx]
     if kind == "homology":
-        return SharedKmerNeighbours(sequences, labels, settings.k, settings.get("both_strands", False))
+        groups = frame.group.to_numpy()[train_idx] if settings.get("other_groups_only") else None
+        return SharedKmerNeighbours(sequences, labels, settings.k, settings.get("both_strands", False),
+                                    settings.get("max_base_share"), groups)
     spec = feature_spec(settings)
     features = sequence_features(sequences, spec)
     neighbours = (SharedKmerNeighbours(sequences, labels, spec["neighbours"], spec["neighbours_both_strands"])
@@ -336,10 +349,11 @@ def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, tra
     return estimator
 
 
-def feature_model_proba(estimator, spec: dict, sequences: list[str]) -> np.ndarray:
-    """The fitted model's probabilities (a homology model's: NaN where a sequence has no neighbour)."""
+def feature_model_proba(estimator, spec: dict, sequences: list[str], groups=None) -> np.ndarray:
+    """The fitted model's probabilities (a homology model's: NaN where a sequence has no neighbour; with
+    the sequences' groups, neighbours of another group only)."""
     if isinstance(estimator, SharedKmerNeighbours):
-        return estimator.proba(sequences)
+        return estimator.proba(sequences, groups)
     features = sequence_features(sequences, feature_spec(spec))
     neighbours = getattr(estimator, "neighbours_", None)
     if neighbours is not None:
@@ -359,8 +373,10 @@ def save_feature_model(path: Path, kind: str, estimator, spec: dict) -> None:
 
 def choose_blend(labels: np.ndarray, val_probs: dict[str, np.ndarray],
                  groups: np.ndarray | None = None) -> tuple[tuple[str, ...], float]:
-    """Of every model alone and every mean of the probabilities of two or more, the one with the best
-    validation AUC (on a tie, fewer models): (its models, that AUC). With `groups` (viral: each row's
+    """Of every model alone and every mean of the probabilities of two or more (per row, of the models
+    with an opinion: served_mean), the one with the best validation AUC (on a tie, fewer models): (its
+    models, that AUC). A candidate must score every row, so a homology model, which abstains where a row
+    has no neighbour, is chosen only beside a model that does not. With `groups` (viral: each row's
     sequencing experiment), the AUC is computed within each group holding both classes and averaged,
     so a blend is chosen for ranking contigs inside one run, which is what a new run needs, not for
     telling runs apart."""
@@ -369,7 +385,10 @@ def choose_blend(labels: np.ndarray, val_probs: dict[str, np.ndarray],
     best, best_auc = None, -1.0
     for size in range(1, len(val_probs) + 1):
         for models in itertools.combinations(val_probs, size):
-            auc = grouped_auc(labels, np.mean([val_probs[m] for m in models], axis=0), groups)
+            mean = served_mean([val_probs[m] for m in models])
+            if np.isnan(mean).any():
+                continue
+            auc = grouped_auc(labels, mean, groups)
             if auc > best_auc + 1e-12:
                 best, best_auc = models, float(auc)
     return best, best_auc
@@ -443,13 +462,14 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     served, served_val_auc = choose_blend(labels[val_idx], {k: results[("experiment", k)]["val_probs"]
                                                             for k in vc.models}, frame.group.to_numpy()[val_idx])
     for p, (_, _, test_idx) in protocols.items():
-        probs = np.mean([results[(p, k)]["probs"] for k in served], axis=0)
+        probs = served_mean([results[(p, k)]["probs"] for k in served])
         results[(p, "served")] = {"probs": probs, "history": [],
                                   "metrics": binary_classification_metrics(labels[test_idx], probs)}
     serve_train, serve_val = stratified_split(everything, labels, vc.validation_fraction, cfg.seed)
     for kind in tqdm(served, desc="served model, every experiment", leave=False):
         fit_and_score(cfg, vc, kind, frame, serve_train, serve_val, serve_val, work / f"serve_{kind}.pkl", device)
-    report = {f"{p}/{kind}": {m: r["metrics"][m] for m in ("auc", "pr_auc", "accuracy", "mcc")} |
+    report = {f"{p}/{kind}": {m: r["metrics"].get(m) for m in ("auc", "pr_auc", "accuracy", "mcc", "coverage")
+                              if m in r["metrics"]} |
               {"n_test": len(protocols[p][2]), "n_test_viral": int(labels[protocols[p][2]].sum())}
               for (p, kind), r in results.items()}
     headline = report["experiment/served"]
@@ -461,8 +481,9 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
                          "results": report, "imbalance": _imbalance_note(vc), **artifact_meta(cfg)})
     figures = [paths.figures / "viral_roc_pr.png", paths.figures / "viral_learning_curves.png",
                paths.figures / "viral_confusion.png"]
-    plot_roc_pr(figures[0], "viral contigs: every model and protocol", {f"{p}/{k}": (labels[protocols[p][2]], r["probs"])
-                                               for (p, k), r in results.items()})
+    plot_roc_pr(figures[0], "viral contigs: every model and protocol (a homology model: the contigs it scores)",
+                {f"{p}/{k}": where_given(labels[protocols[p][2]], r["probs"]) for (p, k), r in results.items()
+                 if scorable(labels[protocols[p][2]], r["probs"])})
     curves = {f"{p}/{k}": r["history"] for (p, k), r in results.items() if r["history"]}
     plot_classifier_learning_curves(figures[1], "viral: training loss and validation AUC", list(curves.values()),
                                     list(curves))
