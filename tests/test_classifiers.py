@@ -716,3 +716,18 @@ def test_promoter_overlap_benchmark_keeps_each_group_of_overlapping_sequences_in
     assert rows["homology"]["coverage"] == 0.0
     assert rows["served: linear + homology"]["accuracy"] == pytest.approx(rows["linear"]["accuracy"])
     assert 0 <= report["share_with_a_neighbour"]["promoters"] <= 1 and report["groups"] <= report["rows"]
+
+
+def test_metrics_of_rows_holding_one_label_give_mcc_zero_without_a_warning():
+    import warnings
+
+    from sklearn.metrics import matthews_corrcoef
+
+    from nucleic.metrics import binary_classification_metrics
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn warns of a single label in truth and prediction
+        one_label = binary_classification_metrics([0, 0, 0], [0.1, 0.2, 0.3])
+    assert one_label["mcc"] == 0.0 and one_label["accuracy"] == 1.0 and np.isnan(one_label["auc"])
+    truth, probs = [0, 1, 1, 0, 1], [0.2, 0.7, 0.4, 0.6, 0.9]
+    assert binary_classification_metrics(truth, probs)["mcc"] == matthews_corrcoef(truth, np.array(probs) >= 0.5)

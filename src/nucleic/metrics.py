@@ -34,7 +34,8 @@ def binary_classification_metrics(y_true, y_prob, threshold: float = 0.5) -> dic
     both_classes = len(np.unique(y_true)) == 2
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "mcc": float(matthews_corrcoef(y_true, y_pred)),
+        # one label in truth and prediction (a homology model's few scored rows): 0 by definition, unwarned
+        "mcc": float(matthews_corrcoef(y_true, y_pred)) if len(np.unique(np.r_[y_true, y_pred])) == 2 else 0.0,
         "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
         "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
         "f1": float(f1_score(y_true, y_pred, zero_division=0)),
