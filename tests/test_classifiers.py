@@ -731,3 +731,15 @@ def test_metrics_of_rows_holding_one_label_give_mcc_zero_without_a_warning():
     assert one_label["mcc"] == 0.0 and one_label["accuracy"] == 1.0 and np.isnan(one_label["auc"])
     truth, probs = [0, 1, 1, 0, 1], [0.2, 0.7, 0.4, 0.6, 0.9]
     assert binary_classification_metrics(truth, probs)["mcc"] == matthews_corrcoef(truth, np.array(probs) >= 0.5)
+
+
+def test_a_classifier_with_a_kmer_branch_from_a_config_section_saves_and_loads_safely(tmp_path):
+    from nucleic.classify import build_classifier, load_classifier, save_classifier
+    from nucleic.config import Config
+
+    settings = Config({"filters": 8, "dense": 8, "both_strands": True, "kmer_branch": {"ks": [1, 2], "dense": 4}})
+    model = build_classifier("viraminer", settings, 60)
+    save_classifier(tmp_path / "cnn.pt", "viraminer", settings, 60, model)  # settings nest a Config section
+    loaded, length = load_classifier(tmp_path / "cnn.pt", torch.device("cpu"))  # weights_only: plain data only
+    assert length == 60 and loaded.kind == "viraminer"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

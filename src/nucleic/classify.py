@@ -148,11 +148,14 @@ def fit_classifier(kind: str, settings, tc, tokens: torch.Tensor, labels: np.nda
 
 
 def save_classifier(path, kind: str, settings, length: int, model: torch.nn.Module) -> None:
-    """Weights plus what rebuilding the model needs (the predict command reads these)."""
+    """Weights plus what rebuilding the model needs (the predict command reads these). The settings are
+    saved as plain data: a nested config section (kmer_branch) would not load with weights_only."""
+    from .config import Config
     from .io_utils import atomic_path
 
     with atomic_path(path) as tmp:
-        torch.save({"kind": kind, "settings": dict(settings), "length": length, "model": model.state_dict()}, tmp)
+        torch.save({"kind": kind, "settings": Config(settings).to_dict(), "length": length,
+                    "model": model.state_dict()}, tmp)
 
 
 def load_classifier(path, device: torch.device) -> tuple[torch.nn.Module, int]:
