@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Nucleic Transformer speed on this machine: training samples/s and inference sequences/s for the
 `paper` and `cpu` model configs, and what threads, bf16 autocast, channels_last and torch.compile give;
+with the C++ attention kernel (models/cpu_attention.py) where the model uses it, and without;
 then, for the variant each preset uses, where the time goes (embeddings, k-mer convolutions, pair path,
 attention, feed-forward, optimizer, data collation) in a training step and in an inference batch.
 
@@ -23,6 +24,8 @@ from nucleic.config import load_config
 from nucleic.dataset import RNATensors, collate, use_channels_last
 from nucleic.engine import autocast, make_optimizer, native_bf16, use_bf16
 from nucleic.losses import error_weighted_mse
+from nucleic.models import cpu_attention
+from nucleic.models.nucleic_transformer import KmerAttention
 from nucleic.train import build_model, compile_model
 
 N_STRUCTURES = 12
@@ -192,31 +195,47 @@ def print_split(title: str, split: dict[str, float]) -> None:
 
 
 def variants_for(preset: str, cfg, device, args) -> list[tuple]:
-    """(name, threads, bf16, channels_last, torch.compile, int8 linear layers) to time; the second is the
-    variant the preset itself trains and predicts with."""
+    """(name, threads, bf16, channels_last, torch.compile, int8 linear layers, C++ attention kernel) to
+    time; the second is the variant the preset itself trains and predicts with (a preset with
+    train.compile_inference predicts through the compiled bf16 + channels_last row). The kernel attends at
+    inference where the model has KmerAttention.CPU_KERNEL_MIN_HEADS heads or more (the paper config);
+    where it does, the preset's variant and the best compiled one are also timed with torch's attention."""
     threads = torch.get_num_threads()
     preset_bf16, preset_cl = use_bf16(device, cfg.train.bf16), use_channels_last(cfg.train.channels_last, device)
-    variants = [("plain fp32", threads, False, False, False, False),
-                (f"PRESET'S: bf16 {preset_bf16}, CL {preset_cl}", threads, preset_bf16, preset_cl, False, False)]
+    kernel = device.type == "cpu" and cfg.model.nhead >= KmerAttention.CPU_KERNEL_MIN_HEADS and cpu_attention.available()
+    variants = [("plain fp32", threads, False, False, False, False, kernel),
+                (f"PRESET'S: bf16 {preset_bf16}, CL {preset_cl}", threads, preset_bf16, preset_cl, False, False, kernel)]
+    if kernel:
+        variants.append(("preset's, torch attention", threads, preset_bf16, preset_cl, False, False, False))
     if args.quick:
         return variants
     if device.type == "cuda":
-        return variants + [("bf16 autocast", threads, True, False, False, False),
-                           ("bf16 + channels_last", threads, True, True, False, False),
-                           ("torch.compile + bf16", threads, True, False, True, False)]
-    variants += [("1 thread", 1, False, False, False, False),
-                 ("channels_last pair path", threads, False, True, False, False),
-                 ("int8 linear + CL", threads, False, True, False, True),
-                 ("torch.compile", threads, False, False, True, False),
-                 ("torch.compile + CL", threads, False, True, True, False)]
+        return variants + [("bf16 autocast", threads, True, False, False, False, False),
+                           ("bf16 + channels_last", threads, True, True, False, False, False),
+                           ("torch.compile + bf16", threads, True, False, True, False, False)]
+    variants += [("1 thread", 1, False, False, False, False, kernel),
+                 ("channels_last pair path", threads, False, True, False, False, kernel),
+                 ("int8 linear + CL", threads, False, True, False, True, kernel),
+                 ("torch.compile", threads, False, False, True, False, kernel),
+                 ("torch.compile + CL", threads, False, True, True, False, kernel)]
     if native_bf16(device) or args.emulated_bf16:
-        variants.insert(-3, ("bf16 autocast", threads, True, False, False, False))
+        variants.insert(-3, ("bf16 autocast", threads, True, False, False, False, kernel))
         if not (preset_bf16 and preset_cl):  # else the preset's own row
-            variants.insert(-3, ("bf16 + channels_last", threads, True, True, False, False))
-        variants.append(("torch.compile + bf16 + CL", threads, True, True, True, False))
+            variants.insert(-3, ("bf16 + channels_last", threads, True, True, False, False, kernel))
+        compiled_name = "PRESET'S inference: compiled" if cfg.train.compile_inference else "torch.compile + bf16 + CL"
+        variants.append((compiled_name, threads, True, True, True, False, kernel))
+        if kernel:
+            variants.append(("compile+bf16+CL, torch attn", threads, True, True, True, False, False))
     elif preset == "cpu":
         print("  (bf16 autocast skipped: emulated on this CPU, 10-20x slower than fp32; --emulated-bf16 runs it)")
     return variants
+
+
+def with_cpu_kernel(model, enabled: bool):
+    for module in model.modules():
+        if isinstance(module, KmerAttention):
+            module.cpu_kernel = enabled
+    return model
 
 
 def main() -> None:
@@ -231,7 +250,8 @@ def main() -> None:
     device = torch.device(args.device)
     max_threads = torch.get_num_threads()
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16(CPU)}, "
-          f"{max_threads} threads" + (f"; timing on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+          f"C++ attention kernel: {cpu_attention.available()}, {max_threads} threads"
+          + (f"; timing on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     for preset in args.presets:
         cfg = load_config(preset)
         batch = cfg.train.batch_size
@@ -242,10 +262,10 @@ def main() -> None:
         # sequences per inference batch; on a GPU 384 forward passes, as base.yaml advises
         eval_batch = 384 if device.type == "cuda" else cfg.train.eval_batch_size
         per_batch = max(1, eval_batch // N_STRUCTURES)
-        for name, threads, bf16, channels_last, compiled, int8 in variants_for(preset, cfg, device, args):
+        for name, threads, bf16, channels_last, compiled, int8, kernel in variants_for(preset, cfg, device, args):
             torch.set_num_threads(threads)
             torch.manual_seed(0)
-            model = build_model(cfg.model).to(device)
+            model = with_cpu_kernel(build_model(cfg.model).to(device), kernel)
             if compiled:
                 model = compile_model(model)  # as predict() compiles (train.compile_inference)
             try:

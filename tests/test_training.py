@@ -136,6 +136,44 @@ def test_compiled_inference_keeps_the_oof_score_and_follows_the_weights(trained_
     assert "_compiled_for_inference" in model.__dict__ and set(model.state_dict()) == keys
 
 
+def test_the_cpu_attention_kernel_keeps_the_oof_predictions(folded_workspace):
+    """An NT with 16 heads (where the C++ kernel takes over at inference on a CPU) predicts fold 0's real
+    OOF rows, eager and compiled, as with torch's attention: within 1e-4, MCRMSE within 0.001."""
+    from nucleic.config import load_config, with_settings
+    from nucleic.models import cpu_attention
+    from nucleic.openvaccine import fold_indices, load_training_data
+    from nucleic.train import build_model, predict, score_rows
+
+    if not cpu_attention.available():
+        pytest.skip("no C++ compiler for the CPU kernel")
+    cfg = load_config("smoke", overrides=[f"paths.{k}={folded_workspace / k}" for k in ("input", "work", "structures",
+                                                                                       "oof")])
+    _, data, folds = load_training_data(cfg)
+    rows = fold_indices(cfg, data, folds, 0)[1]
+    torch.manual_seed(0)
+    model = build_model(with_settings(cfg, **{"model.nhead": 16}).model)
+    cpu, original = torch.device("cpu"), cpu_attention.biased_attention
+    calls = []
+    predictions = {}
+    try:
+        cpu_attention.biased_attention = lambda *args: calls.append(1) or original(*args)
+        for compiled in (False, True):
+            tc = with_settings(cfg, **{"train.compile_inference": compiled, "train.channels_last": True}).train
+            predictions[compiled] = predict(model, data, rows, cpu, tc)
+    finally:
+        cpu_attention.biased_attention = original
+    os.environ["NT_CPU_KERNEL"] = "0"
+    try:
+        plain = predict(model, data, rows, cpu, with_settings(cfg, **{"train.channels_last": True}).train)
+    finally:
+        del os.environ["NT_CPU_KERNEL"]
+    assert calls  # the eager pass went through the kernel (the compiled one calls it from its graph)
+    for fast in predictions.values():
+        assert all(np.allclose(fast[i], plain[i], atol=1e-4) for i in rows)
+        scores = [score_rows(data, p, rows)["mcrmse_scored"] for p in (plain, fast)]
+        assert abs(scores[0] - scores[1]) < 0.001, scores
+
+
 def test_predict_gives_every_row_its_own_length_and_its_alone_prediction(trained_workspace):
     """predict() over test rows of two lengths, several rows per batch: each row gets its (L, 5) mean
     over the structure predictions, or its (2, L, 5) mean and standard deviation, as when it is

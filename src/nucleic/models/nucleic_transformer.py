@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..features import LOOP_TOKENS, SEQUENCE_TOKENS, STRUCTURE_TOKENS
+from . import cpu_attention
 
 PAIR_INPUT_CHANNELS = 4  # BPP, 1/d, 1/d^2, 1/d^3
 
@@ -94,9 +95,15 @@ def explicit_attention(q, k, v, bias, p: float) -> tuple[torch.Tensor, torch.Ten
 
 
 class KmerAttention(nn.Module):
-    """Multi-head self-attention over k-mers with a per-head additive bias on the logits."""
+    """Multi-head self-attention over k-mers with a per-head additive bias on the logits.
 
-    def __init__(self, d_model: int, nhead: int, dropout: float):
+    cpu_kernel: at inference on a CPU, with a full bias and at least CPU_KERNEL_MIN_HEADS heads, attend
+    through cpu_attention's C++ kernel (the paper config's 32 heads of dimension 8: 3.6x torch's fused
+    kernel on A); with fewer, wider heads torch's matrix products are faster."""
+
+    CPU_KERNEL_MIN_HEADS = 16
+
+    def __init__(self, d_model: int, nhead: int, dropout: float, cpu_kernel: bool = True):
         super().__init__()
         if d_model % nhead:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
@@ -104,12 +111,21 @@ class KmerAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
+        self.cpu_kernel = cpu_kernel
+
+    def use_cpu_kernel(self, qkv: torch.Tensor, bias: torch.Tensor | None, p: float, need_weights: bool) -> bool:
+        return (self.cpu_kernel and not need_weights and not p and not torch.is_grad_enabled()
+                and self.nhead >= self.CPU_KERNEL_MIN_HEADS and cpu_attention.supports(qkv, bias))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, need_weights: bool = False):
         batch, length, d_model = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(batch, length, 3, self.nhead, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         bias = None if bias is None else bias.to(q.dtype)
         p = self.dropout if self.training else 0.0
+        if self.use_cpu_kernel(qkv, bias, p, need_weights):
+            context = cpu_attention.biased_attention(qkv, bias)  # (B, L, H, D)
+            return self.out(context.reshape(batch, length, d_model)), None
         # The explicit path gives the plots their weights, and drops attention weights on CPU, where torch's
         # fused kernel does not drop and its fallback draws one random number per weight. Under torch.compile
         # on a CPU it is also faster: inductor fuses the softmax, while the fused kernel's tiny head dimension
