@@ -25,9 +25,10 @@ def train_command(workspace):
             *isolated(workspace), "--set", "train.threads=1"]
 
 
-def train(workspace, *settings: str):
+def train(workspace, *settings: str, env: dict | None = None):
     sets = [arg for setting in settings for arg in ("--set", setting)]
-    result = subprocess.run(train_command(workspace) + sets, cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(train_command(workspace) + sets, cwd=REPO, capture_output=True, text=True,
+                            env=None if env is None else {**os.environ, **env})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -172,6 +173,24 @@ def test_the_cpu_attention_kernel_keeps_the_oof_predictions(folded_workspace):
         assert all(np.allclose(fast[i], plain[i], atol=1e-4) for i in rows)
         scores = [score_rows(data, p, rows)["mcrmse_scored"] for p in (plain, fast)]
         assert abs(scores[0] - scores[1]) < 0.001, scores
+
+
+def test_the_cpu_attention_kernel_trains_like_torchs_attention(folded_workspace, tmp_path):
+    """Stage 03 with 16 heads (the C++ kernel in training, validation and OOF) and without dropout (so
+    the two runs draw the same random numbers): OOF MCRMSE within 0.001 of the same run through torch's
+    attention (NT_CPU_KERNEL=0)."""
+    from nucleic.models import cpu_attention
+
+    if not cpu_attention.available():
+        pytest.skip("no C++ compiler for the CPU kernel")
+    scores, predictions = [], []
+    for kernel in ("1", "0"):
+        workspace = copy_of(folded_workspace, tmp_path / f"kernel{kernel}")
+        train(workspace, "model.nhead=16", "model.dropout=0.0", env={"NT_CPU_KERNEL": kernel})
+        scores.append(json.loads((workspace / "oof" / "nt_cv.json").read_text())["mcrmse_scored"])
+        predictions.append((workspace / "oof" / "nt.csv").read_bytes())
+    assert abs(scores[0] - scores[1]) < 0.001, scores
+    assert predictions[0] != predictions[1]  # different arithmetic: the first run did go through the kernel
 
 
 def test_predict_gives_every_row_its_own_length_and_its_alone_prediction(trained_workspace):

@@ -97,9 +97,11 @@ def explicit_attention(q, k, v, bias, p: float) -> tuple[torch.Tensor, torch.Ten
 class KmerAttention(nn.Module):
     """Multi-head self-attention over k-mers with a per-head additive bias on the logits.
 
-    cpu_kernel: at inference on a CPU, with a full bias and at least CPU_KERNEL_MIN_HEADS heads, attend
-    through cpu_attention's C++ kernel (the paper config's 32 heads of dimension 8: 3.6x torch's fused
-    kernel on A); with fewer, wider heads torch's matrix products are faster."""
+    cpu_kernel: on a CPU, with a full bias and at least CPU_KERNEL_MIN_HEADS heads, attend through
+    cpu_attention's C++ kernel: at inference as a custom op (eager or compiled), in training with its
+    own backward pass and attention dropout (eager only). With the paper config's 32 heads of dimension 8
+    it is several times faster than torch's kernels; with fewer, wider heads torch's matrix products are
+    faster (README "Hardware")."""
 
     CPU_KERNEL_MIN_HEADS = 16
 
@@ -113,9 +115,14 @@ class KmerAttention(nn.Module):
         self.dropout = dropout
         self.cpu_kernel = cpu_kernel
 
-    def use_cpu_kernel(self, qkv: torch.Tensor, bias: torch.Tensor | None, p: float, need_weights: bool) -> bool:
-        return (self.cpu_kernel and not need_weights and not p and not torch.is_grad_enabled()
-                and self.nhead >= self.CPU_KERNEL_MIN_HEADS and cpu_attention.supports(qkv, bias))
+    def cpu_kernel_mode(self, qkv: torch.Tensor, bias: torch.Tensor | None, p: float, need_weights: bool) -> str | None:
+        """"inference", "training" (gradients or dropout) or None (torch's attention)."""
+        if not (self.cpu_kernel and not need_weights and self.nhead >= self.CPU_KERNEL_MIN_HEADS
+                and cpu_attention.supports(qkv, bias)):
+            return None
+        if not (p or torch.is_grad_enabled()):
+            return "inference"
+        return None if torch.compiler.is_compiling() else "training"
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, need_weights: bool = False):
         batch, length, d_model = x.shape
@@ -123,8 +130,12 @@ class KmerAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         bias = None if bias is None else bias.to(q.dtype)
         p = self.dropout if self.training else 0.0
-        if self.use_cpu_kernel(qkv, bias, p, need_weights):
+        mode = self.cpu_kernel_mode(qkv, bias, p, need_weights)
+        if mode == "inference":
             context = cpu_attention.biased_attention(qkv, bias)  # (B, L, H, D)
+            return self.out(context.reshape(batch, length, d_model)), None
+        if mode == "training":
+            context = cpu_attention.biased_attention_with_grad(qkv, bias, p)
             return self.out(context.reshape(batch, length, d_model)), None
         # The explicit path gives the plots their weights, and drops attention weights on CPU, where torch's
         # fused kernel does not drop and its fallback draws one random number per weight. Under torch.compile
