@@ -224,10 +224,21 @@ def test_predict_gives_every_row_its_own_length_and_its_alone_prediction(trained
             np.testing.assert_allclose(moments[i][1], alone.std(axis=0), atol=1e-5)
 
 
-def test_killed_fold_resumes_to_the_same_result(folded_workspace, trained_workspace, tmp_path):
+@pytest.mark.parametrize("settings", [(), ("model.nhead=16",)], ids=["smoke", "16 heads: the C++ attention kernel"])
+def test_killed_fold_resumes_to_the_same_result(settings, folded_workspace, trained_workspace, tmp_path):
+    """With 16 heads the attention trains through the C++ kernel, whose dropout masks come from seeds
+    drawn from torch's generator: the resumed run must draw the same ones."""
+    if settings:
+        from nucleic.models import cpu_attention
+
+        if not cpu_attention.available():
+            pytest.skip("no C++ compiler for the CPU kernel")
+        trained_workspace = copy_of(folded_workspace, tmp_path / "uninterrupted")
+        train(trained_workspace, *settings)
     workspace = copy_of(folded_workspace, tmp_path / "killed")
     last = workspace / "work" / "smoke" / "models" / "nt" / "fold1" / "last.pt"
-    proc = subprocess.Popen(train_command(workspace), cwd=REPO, start_new_session=True,
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    proc = subprocess.Popen(train_command(workspace) + sets, cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and proc.poll() is None:
@@ -236,7 +247,7 @@ def test_killed_fold_resumes_to_the_same_result(folded_workspace, trained_worksp
     proc.wait()
     epoch = torch.load(last, weights_only=False)["state"]["epoch"]
     assert epoch < 3, "the kill should land inside fold 1"
-    result = train(workspace)
+    result = train(workspace, *settings)
     assert f"fold 1: resuming at epoch {epoch}" in result.stdout
     assert (workspace / "oof" / "nt.csv").read_bytes() == (trained_workspace / "oof" / "nt.csv").read_bytes()
 
