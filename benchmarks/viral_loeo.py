@@ -11,7 +11,8 @@ own sequencing run would be scored.
 Figure: oof/figures/viral_loeo[_<name>].png (AUC per experiment and model, the 0.85 goal dashed).
 Uses stage 11's training code and caches (work/<preset>/viral_loeo/<name>, resumable: a killed run goes on
 where it stopped). Prints per-experiment and mean AUC-ROC / PR-AUC per model, plus the AUC of all
-held-out predictions pooled, and writes them with each fit's minutes to oof/viral_loeo[_<name>].json. An
+held-out predictions pooled, and writes them with each fit's minutes to oof/viral_loeo[_<name>].json (a
+run with other --models than that file's stops before training unless --overwrite). An
 experiment without a viral contig has no AUC; it still counts in the pooled figure. "served" is stage
 11's rule applied inside each split: the model or mean of models with the best validation AUC, computed
 within each training experiment and averaged (the validation rows come from the training experiments
@@ -19,6 +20,7 @@ only), scored on the held-out experiment.
 "fixed_blends": every mean of two or more models, the same for every experiment, with its mean AUC
 (read after the fact: a ceiling, not a rule's score).
 """
+import json
 import time
 
 import numpy as np
@@ -46,14 +48,19 @@ def main() -> None:
     parser = config_argparser(__doc__)  # --preset, --data-dir, --set as the stages take them
     parser.add_argument("--models", nargs="+", default=None, help="default: viral.models of the preset")
     parser.add_argument("--name", default="default", help="a variant's name: its own caches and JSON")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace this name's JSON and figure even when they hold other models")
     args = parser.parse_args()
     cfg = config_from_args(args)
     vc = cfg.viral
+    models = args.models or list(vc.models)
+    suffix = "" if args.name == "default" else f"_{args.name}"
+    report = Paths(cfg).oof / f"viral_loeo{suffix}.json"
+    refuse_to_replace_other_models(report, models, args.overwrite)
     device = setup_device(cfg.train)
     frame = stratified_subset(read_viral(task_input(cfg, "viral")), vc.max_rows, cfg.seed)
     labels, groups = frame.label.to_numpy(), frame.group.to_numpy()
     work = claim_work_dir(Paths(cfg).run / "viral_loeo" / args.name, viral_key(cfg), False)
-    models = args.models or list(vc.models)
 
     rows, pooled = {}, {kind: np.zeros(len(frame)) for kind in [*models, "served"]}
     for experiment in sorted(set(groups)):
@@ -92,7 +99,6 @@ def main() -> None:
               f"PR-AUC {everything['pr_auc']:.4f}" + (f"; scores {everything['coverage']:.1%} of the contigs"
                                                      if "coverage" in everything else ""))
     blends = fixed_blends(models, pooled, labels, groups)
-    suffix = "" if args.name == "default" else f"_{args.name}"
     figure = Paths(cfg).figures / f"viral_loeo{suffix}.png"
     by_experiment = {key.split("/")[0]: {} for key in rows}
     for key, row in rows.items():
@@ -101,9 +107,20 @@ def main() -> None:
     by_experiment["mean"] = {kind: s["mean_auc"] for kind, s in summary.items()}
     plot_grouped_scores(figure, "viral contigs, leave one experiment out (blank: no viral contig)", by_experiment,
                         "AUC-ROC on the held-out experiment", reference=0.85)
-    write_json(Paths(cfg).oof / f"viral_loeo{suffix}.json", {"results": rows, "summary": summary, "models": models,
+    write_json(report, {"results": rows, "summary": summary, "models": models,
                                                              "fixed_blends": blends, "settings": args.overrides,
                                                              **artifact_meta(cfg)})
+
+
+def refuse_to_replace_other_models(report, models: list[str], overwrite: bool) -> None:
+    """A second run under one --name with other --models would replace the first's JSON and figure (its
+    fits stay cached under the name): stop before any training, unless --overwrite."""
+    if overwrite or not report.exists():
+        return
+    saved = json.loads(report.read_text()).get("models")
+    if saved is not None and saved != models:
+        raise SystemExit(f"viral_loeo: {report} holds the models {' '.join(saved)}; this run's "
+                         f"({' '.join(models)}) would replace it: give another --name, or --overwrite")
 
 
 def fixed_blends(models: list[str], pooled: dict, labels: np.ndarray, groups: np.ndarray) -> dict:

@@ -607,6 +607,16 @@ def test_viral_leave_one_experiment_out_benchmark_scores_every_experiment(data_d
     assert all(0 <= auc <= 1 for auc in report["fixed_blends"].values())
     assert (tmp_path / "figures" / "viral_loeo.png").stat().st_size > 10_000
 
+    saved = (tmp_path / "oof" / "viral_loeo.json").read_bytes()  # other models under the same name: refused
+    fewer = [sys.executable, "benchmarks/viral_loeo.py", "--preset", "smoke", "--models", "rf", *isolated(tmp_path)]
+    proc = run_script(fewer, env={"NT_DATA_DIR": str(data_dir)}, timeout=900)
+    assert proc.returncode != 0 and "viral_loeo.json holds the models viraminer rf homology" in proc.stderr
+    assert "--overwrite" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+    assert (tmp_path / "oof" / "viral_loeo.json").read_bytes() == saved
+    proc = run_script([*fewer, "--overwrite"], env={"NT_DATA_DIR": str(data_dir)}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "oof" / "viral_loeo.json").read_text())["models"] == ["rf"]
+
 
 def test_promoter_blend_benchmark_scores_every_model_and_mean_and_names_the_rules_choice(data_dir, tmp_path):
     import sys
