@@ -191,8 +191,9 @@ void backward_sequences(const T* __restrict qkv, const float* __restrict probs, 
     const int64_t width = H * D;
     float query[kMaxWidth], grad[kMaxWidth], grad_query[kMaxWidth], correction[kMaxHeads], ds[kMaxHeads],
         w[kMaxHeads];
+    // keep: each weight's dropout factor in the current query row (1 / (1 - p) or 0), hashed once
     std::vector<float> keys(L * width), values(L * width), grad_keys(L * width), grad_values(L * width),
-        grad_probs(L * H);
+        grad_probs(L * H), keep(L * H);
     for (int64_t b = first; b < last; ++b) {
         load_keys_values(qkv, b, L, D, H, keys.data(), values.data());
         std::fill(grad_keys.begin(), grad_keys.end(), 0.0f);
@@ -211,7 +212,8 @@ void backward_sequences(const T* __restrict qkv, const float* __restrict probs, 
                     for (int64_t h = 0; h < H; ++h) dp_j[h] += grad[d * H + h] * v_j[d * H + h];
                 const uint32_t index = uint32_t((row * L + j) * H);
                 for (int64_t h = 0; h < H; ++h) {
-                    dp_j[h] = dropout.weight(index + uint32_t(h), dp_j[h]);
+                    keep[j * H + h] = dropout.weight(index + uint32_t(h), 1.0f);
+                    dp_j[h] *= keep[j * H + h];
                     correction[h] += p_j[h] * dp_j[h];
                 }
             }
@@ -221,10 +223,9 @@ void backward_sequences(const T* __restrict qkv, const float* __restrict probs, 
                 const float* k_j = keys.data() + j * width;
                 float* gk_j = grad_keys.data() + j * width;
                 float* gv_j = grad_values.data() + j * width;
-                const uint32_t index = uint32_t((row * L + j) * H);
                 for (int64_t h = 0; h < H; ++h) {
                     ds[h] = p_j[h] * (grad_probs[j * H + h] - correction[h]);
-                    w[h] = dropout.weight(index + uint32_t(h), p_j[h]);
+                    w[h] = p_j[h] * keep[j * H + h];
                     store(grad_bias + (row * L + j) * H + h, ds[h]);
                 }
                 for (int64_t d = 0; d < D; ++d)
