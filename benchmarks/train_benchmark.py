@@ -25,7 +25,7 @@ from nucleic.dataset import RNATensors, collate, use_channels_last
 from nucleic.engine import autocast, make_optimizer, native_bf16, use_bf16
 from nucleic.losses import error_weighted_mse
 from nucleic.models import cpu_attention
-from nucleic.models.nucleic_transformer import KmerAttention
+from nucleic.models.nucleic_transformer import KmerAttention, with_cpu_kernel
 from nucleic.train import build_model, compile_model
 
 N_STRUCTURES = 12
@@ -229,13 +229,6 @@ def variants_for(preset: str, cfg, device, args) -> list[tuple]:
     elif preset == "cpu":
         print("  (bf16 autocast skipped: emulated on this CPU, 10-20x slower than fp32; --emulated-bf16 runs it)")
     return variants
-
-
-def with_cpu_kernel(model, enabled: bool):
-    for module in model.modules():
-        if isinstance(module, KmerAttention):
-            module.cpu_kernel = enabled
-    return model
 
 
 def main() -> None:

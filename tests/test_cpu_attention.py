@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nucleic.models import cpu_attention
-from nucleic.models.nucleic_transformer import KmerAttention, NTConfig, NucleicTransformer
+from nucleic.models.nucleic_transformer import KmerAttention, NTConfig, NucleicTransformer, with_cpu_kernel
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C++ compiler for the CPU kernel")
 
@@ -98,12 +98,6 @@ def count_calls(monkeypatch, name):
     return calls
 
 
-def set_cpu_kernel(model, enabled):
-    for module in model.modules():
-        if isinstance(module, KmerAttention):
-            module.cpu_kernel = enabled
-
-
 def test_model_attends_through_the_kernel_with_many_heads_and_a_full_bias(monkeypatch):
     """An NT with 16 heads: at inference and in training the kernel's outputs and gradients equal torch's
     attention path's; with fewer heads or a broadcast key-padding bias, torch's attention runs."""
@@ -114,14 +108,14 @@ def test_model_attends_through_the_kernel_with_many_heads_and_a_full_bias(monkey
     inference, training = count_calls(monkeypatch, "biased_attention"), count_calls(monkeypatch, "biased_attention_with_grad")
     with torch.inference_mode():
         fast = model.eval()(**inputs)
-        set_cpu_kernel(model, False)
+        with_cpu_kernel(model, False)
         plain = model(**inputs)
     assert (len(inference), len(training)) == (3, 0)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
 
     gradients = []
     for enabled in (True, False):
-        set_cpu_kernel(model, enabled)
+        with_cpu_kernel(model, enabled)
         model.zero_grad()
         model.train()(**inputs).square().mean().backward()
         gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})

@@ -131,11 +131,9 @@ class KmerAttention(nn.Module):
         bias = None if bias is None else bias.to(q.dtype)
         p = self.dropout if self.training else 0.0
         mode = self.cpu_kernel_mode(qkv, bias, p, need_weights)
-        if mode == "inference":
-            context = cpu_attention.biased_attention(qkv, bias)  # (B, L, H, D)
-            return self.out(context.reshape(batch, length, d_model)), None
-        if mode == "training":
-            context = cpu_attention.biased_attention_with_grad(qkv, bias, p)
+        if mode is not None:
+            context = (cpu_attention.biased_attention(qkv, bias) if mode == "inference"
+                       else cpu_attention.biased_attention_with_grad(qkv, bias, p))  # (B, L, H, D)
             return self.out(context.reshape(batch, length, d_model)), None
         # The explicit path gives the plots their weights, and drops attention weights on CPU, where torch's
         # fused kernel does not drop and its fallback draws one random number per weight. Under torch.compile
@@ -150,6 +148,14 @@ class KmerAttention(nn.Module):
             context, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p), None
         context = context.transpose(1, 2).reshape(batch, length, d_model)
         return self.out(context), weights if need_weights else None
+
+
+def with_cpu_kernel(model: nn.Module, enabled: bool) -> nn.Module:
+    """`model` with the C++ attention kernel on or off in every KmerAttention (for comparisons)."""
+    for module in model.modules():
+        if isinstance(module, KmerAttention):
+            module.cpu_kernel = enabled
+    return model
 
 
 class EncoderBlock(nn.Module):
