@@ -468,7 +468,7 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     serve_train, serve_val = stratified_split(everything, labels, vc.validation_fraction, cfg.seed)
     for kind in tqdm(served, desc="served model, every experiment", leave=False):
         fit_and_score(cfg, vc, kind, frame, serve_train, serve_val, serve_val, work / f"serve_{kind}.pkl", device)
-    report = {f"{p}/{kind}": {m: r["metrics"].get(m) for m in ("auc", "pr_auc", "accuracy", "mcc", "coverage")
+    report = {f"{p}/{kind}": {m: r["metrics"][m] for m in ("auc", "pr_auc", "accuracy", "mcc", "coverage")
                               if m in r["metrics"]} |
               {"n_test": len(protocols[p][2]), "n_test_viral": int(labels[protocols[p][2]].sum())}
               for (p, kind), r in results.items()}
