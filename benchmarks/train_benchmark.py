@@ -197,9 +197,9 @@ def print_split(title: str, split: dict[str, float]) -> None:
 def variants_for(preset: str, cfg, device, args) -> list[tuple]:
     """(name, threads, bf16, channels_last, torch.compile, int8 linear layers, C++ attention kernel) to
     time; the second is the variant the preset itself trains and predicts with (a preset with
-    train.compile_inference predicts through the compiled bf16 + channels_last row). The kernel attends at
-    inference where the model has KmerAttention.CPU_KERNEL_MIN_HEADS heads or more (the paper config);
-    where it does, the preset's variant and the best compiled one are also timed with torch's attention."""
+    train.compile_inference predicts through the row named "PRESET'S inference: compiled"). The kernel
+    attends where the model has KmerAttention.CPU_KERNEL_MIN_HEADS heads or more (the paper config); where
+    it does, the preset's variant and its compiled inference are also timed with torch's attention."""
     threads = torch.get_num_threads()
     preset_bf16, preset_cl = use_bf16(device, cfg.train.bf16), use_channels_last(cfg.train.channels_last, device)
     kernel = device.type == "cpu" and cfg.model.nhead >= KmerAttention.CPU_KERNEL_MIN_HEADS and cpu_attention.available()
@@ -222,12 +222,18 @@ def variants_for(preset: str, cfg, device, args) -> list[tuple]:
         variants.insert(-3, ("bf16 autocast", threads, True, False, False, False, kernel))
         if not (preset_bf16 and preset_cl):  # else the preset's own row
             variants.insert(-3, ("bf16 + channels_last", threads, True, True, False, False, kernel))
-        compiled_name = "PRESET'S inference: compiled" if cfg.train.compile_inference else "torch.compile + bf16 + CL"
-        variants.append((compiled_name, threads, True, True, True, False, kernel))
-        if kernel:
-            variants.append(("compile+bf16+CL, torch attn", threads, True, True, True, False, False))
+        variants.append(("torch.compile + bf16 + CL", threads, True, True, True, False, kernel))
     elif preset == "cpu":
         print("  (bf16 autocast skipped: emulated on this CPU, 10-20x slower than fp32; --emulated-bf16 runs it)")
+    if cfg.train.compile_inference:  # name the row the preset predicts with, or add it
+        compiled = (threads, preset_bf16, preset_cl, True, False, kernel)
+        rows = [i for i, variant in enumerate(variants) if variant[1:] == compiled]
+        if rows:
+            variants[rows[0]] = ("PRESET'S inference: compiled", *compiled)
+        else:
+            variants.append(("PRESET'S inference: compiled", *compiled))
+        if kernel:
+            variants.append(("compiled, torch attention", *compiled[:-1], False))
     return variants
 
 
