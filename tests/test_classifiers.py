@@ -484,6 +484,56 @@ def test_neighbours_skip_low_complexity_kmers_and_with_groups_come_from_the_othe
         SharedKmerNeighbours(sequences, labels, k=16).counts([query], query_groups=["run1"])
 
 
+def brute_force_neighbour_counts(index, queries, self_rows=None, query_groups=None) -> np.ndarray:
+    """SharedKmerNeighbours.counts from its definition: Python sets of k-mer strings, every pair compared."""
+    from nucleic.classify import reverse_complement
+
+    def kmers(sequence):
+        found = {sequence[i:i + index.k] for i in range(len(sequence) - index.k + 1)}
+        share = index.max_base_share
+        return {x for x in found if share is None or max(x.count(b) for b in "ACGT") <= share * index.k}
+
+    rows = [kmers(sequence) for sequence in index.sequences]
+    out = np.zeros((len(queries), 4), dtype=np.float32)
+    for q, query in enumerate(queries):
+        mine = kmers(query) | (kmers(reverse_complement(query)) if index.both_strands else set())
+        shared = {row: len(mine & theirs) for row, theirs in enumerate(rows) if mine & theirs}
+        if self_rows is not None:
+            shared.pop(self_rows[q], None)
+        if query_groups is not None:
+            shared = {row: n for row, n in shared.items() if index.groups[row] != query_groups[q]}
+        for column, label in enumerate((1, 0)):
+            found = [n for row, n in shared.items() if index.labels[row] == label]
+            out[q, column], out[q, 2 + column] = len(found), max(found, default=0)
+    return out
+
+
+@pytest.mark.parametrize("k,both_strands,max_base_share", [(6, False, None), (6, True, 0.6), (8, True, None),
+                                                           (33, True, 0.5), (4, False, 0.5)])
+def test_neighbour_counts_from_integer_codes_equal_the_definition(k, both_strands, max_base_share):
+    """The index encodes k-mers of A, C, G, T as integers and keeps any other (N, lower case, U, k > 32) as
+    strings; the counts must equal the set definition for every mix, with self rows and groups left out."""
+    from nucleic.classify import SharedKmerNeighbours, reverse_complement
+
+    rng = np.random.default_rng(5)
+    letters = list("ACGT") * 6 + list("NacgU")
+    base = ["".join(rng.choice(letters, rng.integers(5, 60))) for _ in range(40)]
+    sequences = base + [s[rng.integers(0, 5):] + "".join(rng.choice(list("ACGT"), 5)) for s in base[:30]]
+    sequences += ["A" * 30, "ACGT", "ACGTACGTAC" * 5]
+    labels, groups = rng.integers(0, 2, len(sequences)), rng.integers(0, 3, len(sequences))
+    index = SharedKmerNeighbours(sequences, labels, k, both_strands=both_strands, max_base_share=max_base_share,
+                                 groups=groups)
+    queries = sequences[:20] + [reverse_complement(s) for s in sequences[:10]] + ["GG", ""]
+    got = index.counts(queries)
+    assert got[:, :2].sum() > 0
+    np.testing.assert_array_equal(got, brute_force_neighbour_counts(index, queries))
+    own = np.arange(len(sequences))
+    np.testing.assert_array_equal(index.counts(sequences, self_rows=own),
+                                  brute_force_neighbour_counts(index, sequences, self_rows=own))
+    np.testing.assert_array_equal(index.counts(sequences, query_groups=groups),
+                                  brute_force_neighbour_counts(index, sequences, query_groups=groups))
+
+
 def test_a_blend_is_chosen_only_where_it_scores_every_row_so_a_homology_model_serves_beside_another():
     labels = np.array([0, 0, 0, 1, 0, 1, 0, 1])
     forest = np.array([0.1, 0.2, 0.6, 0.5, 0.3, 0.9, 0.7, 0.8])  # two negatives ranked above a positive
