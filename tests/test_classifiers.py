@@ -586,7 +586,7 @@ def test_a_saved_random_forest_predicts_through_the_predict_command(tmp_path, ca
     rng = np.random.default_rng(1)
     sequences = ["".join(rng.choice(list("ACGT" if i % 4 else "AATT"), 60)) for i in range(80)]
     frame = pd.DataFrame({"sequence": sequences, "label": [int(i % 4 == 0) for i in range(80)]})
-    cfg = load_config("smoke", ["viral.rf.trees=10"])
+    cfg = load_config("smoke", ["viral.rf.trees=10", "viral.rf.canonical=true"])
     forest = fit_feature_model(cfg, cfg.viral, "rf", frame, np.arange(60))
     path = tmp_path / "serve_rf.joblib"
     save_feature_model(path, "rf", forest, feature_spec(cfg.viral.rf))
@@ -598,20 +598,30 @@ def test_a_saved_random_forest_predicts_through_the_predict_command(tmp_path, ca
     expected = feature_model_proba(forest, feature_spec(cfg.viral.rf), sequences[60:])
     np.testing.assert_allclose(pd.read_csv(out).probability.to_numpy(), expected)
     assert expected[::4].mean() > expected.mean(), "the AT-rich class is told apart"
+    from nucleic.classify import reverse_complement as reverse_complement_string
+
+    flipped = tmp_path / "flipped.fa"  # canonical k-mers: the other strand of each contig scores the same
+    flipped.write_text("".join(f">s{i}\n{reverse_complement_string(s)}\n" for i, s in enumerate(sequences[60:])))
+    assert predict_main(["viral", "--input", str(flipped), "--output", str(tmp_path / "flipped.csv"), "--preset",
+                         "smoke", "--weights", str(path)]) == 0
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "flipped.csv").probability.to_numpy(), expected)
     (tmp_path / "bad.joblib").write_bytes(b"not a forest")
     assert predict_main(["viral", "--input", str(source), "--output", str(tmp_path / "bad.csv"), "--preset",
                          "smoke", "--weights", str(tmp_path / "bad.joblib")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.joblib: not a model written by stages 10-12" in err[0]
     assert not (tmp_path / "bad.csv").exists()
-    # A forest saved before linear models existed ({"kind": "rf", "ks", "forest"}: k-mers only) still serves
+    # A forest saved before linear models existed ({"kind": "rf", "ks", "forest"}: plain k-mers only) still serves
     import joblib
 
+    plain_cfg = load_config("smoke", ["viral.rf.trees=10", "viral.rf.canonical=false"])
+    plain_forest = fit_feature_model(plain_cfg, plain_cfg.viral, "rf", frame, np.arange(60))
     legacy = tmp_path / "legacy_rf.joblib"
-    joblib.dump({"kind": "rf", "ks": list(cfg.viral.rf.ks), "forest": forest}, legacy)
+    joblib.dump({"kind": "rf", "ks": list(cfg.viral.rf.ks), "forest": plain_forest}, legacy)
     assert predict_main(["viral", "--input", str(source), "--output", str(tmp_path / "legacy.csv"), "--preset",
                          "smoke", "--weights", str(legacy)]) == 0
-    np.testing.assert_allclose(pd.read_csv(tmp_path / "legacy.csv").probability.to_numpy(), expected)
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "legacy.csv").probability.to_numpy(),
+                               feature_model_proba(plain_forest, feature_spec(plain_cfg.viral.rf), sequences[60:]))
 
 
 def test_the_kmer_branch_reads_the_random_forests_features():
@@ -630,6 +640,69 @@ def test_the_kmer_branch_reads_the_random_forests_features():
         before = model(tokens)
         model.model.branch[-1].bias += 1.0  # the branch's logit is added to the network's
         torch.testing.assert_close(model(tokens), before + 1.0)
+
+
+def _pair_frequencies(sequence: str, k: int) -> dict[str, float]:
+    """The definition: each k-mer's share of the windows plus its reverse complement's, keyed by the pair's
+    alphabetically first member."""
+    from nucleic.classify import reverse_complement as reverse_complement_string
+
+    windows = [sequence[i:i + k] for i in range(len(sequence) - k + 1)]
+    pairs = {}
+    for kmer in windows:
+        key = min(kmer, reverse_complement_string(kmer))
+        pairs[key] = pairs.get(key, 0.0) + 1.0 / len(windows)
+    return pairs
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_canonical_kmer_frequencies_count_each_kmer_with_its_reverse_complement(k):
+    import itertools
+
+    from nucleic.classify import reverse_complement as reverse_complement_string
+
+    rng = np.random.default_rng(k)
+    sequences = ["".join(rng.choice(list("ACGT"), 40)) for _ in range(3)] + ["ACGT", "AAAAAAAAT"]
+    flipped = [reverse_complement_string(s) for s in sequences]
+    canonical = kmer_frequencies(sequences, (k,), canonical=True)
+    kmers = ["".join(p) for p in itertools.product("ACGT", repeat=k)]
+    keys = sorted({min(m, reverse_complement_string(m)) for m in kmers})  # columns in the order of the smaller code
+    assert canonical.shape == (len(sequences), len(keys)) == (len(sequences), (4 ** k + 4 ** (k // 2) * (k % 2 == 0)) // 2)
+    for row, sequence in enumerate(sequences):
+        expected = _pair_frequencies(sequence, k)
+        np.testing.assert_allclose(canonical[row], [expected.get(key, 0.0) for key in keys], atol=1e-6)
+    np.testing.assert_allclose(kmer_frequencies(flipped, (k,), canonical=True), canonical, atol=1e-6)
+    plain = kmer_frequencies(sequences, (k,))
+    assert not np.allclose(kmer_frequencies(flipped, (k,)), plain), "only the canonical ones ignore the strand"
+    spec = feature_spec({"ks": [k], "canonical": True})
+    np.testing.assert_array_equal(sequence_features(sequences, spec), canonical)
+    assert feature_spec({"ks": [k]})["canonical"] is False, "a forest saved before the setting reads plain k-mers"
+
+
+def test_a_canonical_kmer_branch_reads_both_strands_the_same(tmp_path):
+    from nucleic.classify import build_classifier
+
+    tokens = encode_sequences(["ACGTACGGTTACAGGA", "GGGCCAGTT", "ATTTTTTTTC"])  # padding
+    tokens[1, 6] = 0  # an N inside a sequence
+    torch.manual_seed(0)
+    settings = {"k": 3, "nlayer": 1, "d_model": 16, "nhead": 2, "dim_ff": 32, "dropout": 0.0,
+                "kmer_branch": {"ks": [1, 2, 3], "dense": 8, "canonical": True}}
+    model = build_classifier("nt", settings, tokens.shape[1]).eval()
+    assert model.branch[0].in_features == 2 + 10 + 32
+    flipped = reverse_complement(tokens)
+    torch.testing.assert_close(model.profile(flipped), model.profile(tokens))
+    plain = build_classifier("nt", {**settings, "kmer_branch": {"ks": [1, 2, 3], "dense": 8}}, tokens.shape[1])
+    assert not torch.allclose(plain.profile(flipped), plain.profile(tokens))
+    expected = np.concatenate([kmer_frequencies(["ACGTACGGTTACAGGA"], (k,), canonical=True)[0] * 4 ** k
+                               for k in (1, 2, 3)])
+    np.testing.assert_allclose(model.profile(tokens[:1])[0].numpy(), expected, atol=1e-5)
+    from nucleic.classify import load_classifier, save_classifier
+
+    save_classifier(tmp_path / "serve_nt.pt", "nt", settings, tokens.shape[1], model)
+    loaded, _ = load_classifier(tmp_path / "serve_nt.pt", torch.device("cpu"))
+    assert loaded.canonical  # the predict command rebuilds the canonical branch
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens))
 
 
 @pytest.mark.slow

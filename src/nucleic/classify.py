@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from .dna_data import DNA_ALPHABET
 from .engine import Trainer, eq11_peak_lr, load_checkpoint, make_adam, seed_torch, to_device, warmup_inverse_sqrt
 from .features import tokenize
-from .models.classifiers import BothStrands, DanQ, NTClassifier, NucleotideCNN, ViraMiner, WithKmerBranch
+from .models.classifiers import (
+    BothStrands,
+    DanQ,
+    NTClassifier,
+    NucleotideCNN,
+    ViraMiner,
+    WithKmerBranch,
+    canonical_kmer_matrix,
+)
 
 
 def encode_sequences(sequences: list[str], length: int | None = None) -> torch.Tensor:
@@ -187,8 +195,9 @@ def predict_proba(model: torch.nn.Module, tokens: torch.Tensor, device: torch.de
                            for rows in torch.arange(len(tokens)).split(batch_size)])
 
 
-def kmer_frequencies(sequences: list[str], ks: tuple[int, ...]) -> np.ndarray:
-    """Per sequence, the frequency of every k-mer for each k in ks (ViraMiner's baseline features)."""
+def kmer_frequencies(sequences: list[str], ks: tuple[int, ...], canonical: bool = False) -> np.ndarray:
+    """Per sequence, the frequency of every k-mer for each k in ks (ViraMiner's baseline features); with
+    canonical, of every k-mer / reverse-complement pair (canonical_kmer_matrix: the same on either strand)."""
     blocks = []
     for k in ks:
         rows = []
@@ -200,7 +209,8 @@ def kmer_frequencies(sequences: list[str], ks: tuple[int, ...]) -> np.ndarray:
             windows = np.lib.stride_tricks.sliding_window_view(codes, k)
             index = windows @ (4 ** np.arange(k - 1, -1, -1))
             rows.append(np.bincount(index, minlength=4 ** k).astype(np.float32) / len(index))
-        blocks.append(np.stack(rows))
+        block = np.stack(rows)
+        blocks.append(block @ canonical_kmer_matrix(k) if canonical else block)
     return np.concatenate(blocks, axis=1)
 
 
@@ -209,12 +219,14 @@ FEATURE_GLOBALS = ("length", "gc", "mfe")
 
 def feature_spec(settings) -> dict:
     """The hand-made features' settings (of a random forest or a linear model) from a config section or a
-    saved model: ks (k-mer sizes), ends (nucleotides read at each end), globals (any of FEATURE_GLOBALS),
-    positions (one-hot nucleotides of the first n positions, for aligned sequences), boxes ([motif, start,
-    end] each: its fewest mismatches within those positions), neighbours (k: SharedKmerNeighbours.features
-    against the training rows, added by the fitted model; neighbours_both_strands: found on either strand).
-    Missing keys mean none, as in forests saved before ends, globals, positions, boxes and neighbours existed."""
-    spec = {"ks": [int(k) for k in settings.get("ks") or []], "ends": int(settings.get("ends") or 0),
+    saved model: ks (k-mer sizes), canonical (each k-mer counted with its reverse complement), ends
+    (nucleotides read at each end), globals (any of FEATURE_GLOBALS), positions (one-hot nucleotides of
+    the first n positions, for aligned sequences), boxes ([motif, start, end] each: its fewest mismatches
+    within those positions), neighbours (k: SharedKmerNeighbours.features against the training rows,
+    added by the fitted model; neighbours_both_strands: found on either strand). Missing keys mean none,
+    as in forests saved before canonical, ends, globals, positions, boxes and neighbours existed."""
+    spec = {"ks": [int(k) for k in settings.get("ks") or []], "canonical": bool(settings.get("canonical")),
+            "ends": int(settings.get("ends") or 0),
             "globals": list(settings.get("globals") or []), "positions": int(settings.get("positions") or 0),
             "boxes": [[str(motif).upper(), int(start), int(end)] for motif, start, end in settings.get("boxes") or []],
             "neighbours": int(settings.get("neighbours") or 0),
@@ -232,7 +244,7 @@ def sequence_features(sequences: list[str], spec: dict) -> np.ndarray:
     per nucleotide (how stable the hairpin is); the one-hot nucleotide at each of the first
     spec["positions"] positions (aligned promoters: each base's place relative to the transcription
     start); for each spec["boxes"] motif, its fewest mismatches within its window (the -10 and -35 boxes)."""
-    blocks = [kmer_frequencies(sequences, tuple(spec["ks"]))]
+    blocks = [kmer_frequencies(sequences, tuple(spec["ks"]), spec.get("canonical", False))]
     if spec["ends"]:
         blocks.append(end_nucleotides(sequences, spec["ends"]))
     lengths = np.array([len(s) for s in sequences], dtype=np.float32)

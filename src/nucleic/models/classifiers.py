@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -193,19 +194,42 @@ def kmer_profile(tokens: torch.Tensor, k: int) -> torch.Tensor:
     return counts / counts.sum(dim=1, keepdim=True).clamp(min=1.0) * 4 ** k
 
 
+def canonical_kmer_matrix(k: int) -> np.ndarray:
+    """(4**k, n) 0/1 matrix summing each k-mer's column with its reverse complement's: n columns, one per
+    k-mer / reverse-complement pair (a palindrome is its own pair), in the order of the pair's smaller
+    code. A profile times it does not depend on which strand was read."""
+    codes = np.arange(4 ** k)
+    powers = 4 ** np.arange(k - 1, -1, -1)
+    digits = codes[:, None] // powers % 4
+    complement_codes = (3 - digits[:, ::-1]) @ powers
+    _, column = np.unique(np.minimum(codes, complement_codes), return_inverse=True)
+    matrix = np.zeros((4 ** k, column.max() + 1), dtype=np.float32)
+    matrix[codes, column] = 1.0
+    return matrix
+
+
 class WithKmerBranch(nn.Module):
     """A classifier plus a k-mer statistics branch: the k-mer profiles of the sequence (k in ks, the
     features of the random-forest baseline) through a small MLP, whose logit is added to the
-    classifier's, both trained together."""
+    classifier's, both trained together. With canonical, each k-mer counts together with its reverse
+    complement (canonical_kmer_matrix), so the branch reads a contig the same on either strand."""
 
     def __init__(self, model: nn.Module, ks: tuple[int, ...] = (1, 2, 3, 4, 5), dense: int = 64,
-                 dropout: float = 0.5):
+                 dropout: float = 0.5, canonical: bool = False):
         super().__init__()
         self.model = model
         self.ks = tuple(ks)
-        self.branch = nn.Sequential(nn.Linear(sum(4 ** k for k in self.ks), dense), nn.ReLU(), nn.Dropout(dropout),
-                                    nn.Linear(dense, 1))
+        self.canonical = bool(canonical)
+        for k in self.ks if self.canonical else ():
+            self.register_buffer(f"canonical_{k}", torch.from_numpy(canonical_kmer_matrix(k)), persistent=False)
+        width = sum(getattr(self, f"canonical_{k}").shape[1] if self.canonical else 4 ** k for k in self.ks)
+        self.branch = nn.Sequential(nn.Linear(width, dense), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dense, 1))
+
+    def profile(self, tokens: torch.Tensor) -> torch.Tensor:
+        profiles = [kmer_profile(tokens, k) for k in self.ks]
+        if self.canonical:
+            profiles = [p @ getattr(self, f"canonical_{k}") for p, k in zip(profiles, self.ks)]
+        return torch.cat(profiles, dim=1)
 
     def forward(self, tokens: torch.Tensor, *extra) -> torch.Tensor:
-        profile = torch.cat([kmer_profile(tokens, k) for k in self.ks], dim=1)
-        return self.model(tokens, *extra) + self.branch(profile).squeeze(-1)
+        return self.model(tokens, *extra) + self.branch(self.profile(tokens)).squeeze(-1)
