@@ -605,6 +605,15 @@ def test_a_saved_random_forest_predicts_through_the_predict_command(tmp_path, ca
     assert predict_main(["viral", "--input", str(flipped), "--output", str(tmp_path / "flipped.csv"), "--preset",
                          "smoke", "--weights", str(path)]) == 0
     np.testing.assert_allclose(pd.read_csv(tmp_path / "flipped.csv").probability.to_numpy(), expected)
+    linear = fit_feature_model(cfg, cfg.viral, "linear", frame, np.arange(60))  # viral.linear: canonical too
+    save_feature_model(tmp_path / "serve_linear.joblib", "linear", linear, feature_spec(cfg.viral.linear))
+    expected = feature_model_proba(linear, feature_spec(cfg.viral.linear), sequences[60:])
+    assert expected[::4].mean() > expected.mean()
+    for fasta in (source, flipped):
+        assert predict_main(["viral", "--input", str(fasta), "--output", str(tmp_path / "linear.csv"), "--preset",
+                             "smoke", "--weights", str(tmp_path / "serve_linear.joblib")]) == 0
+        served = pd.read_csv(tmp_path / "linear.csv").probability.to_numpy()
+        np.testing.assert_allclose(served, expected, atol=1e-6)  # the CSV keeps 6 decimals
     (tmp_path / "bad.joblib").write_bytes(b"not a forest")
     assert predict_main(["viral", "--input", str(source), "--output", str(tmp_path / "bad.csv"), "--preset",
                          "smoke", "--weights", str(tmp_path / "bad.joblib")]) == 2
