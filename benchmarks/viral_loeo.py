@@ -14,7 +14,7 @@ where it stopped). Prints per-experiment and mean AUC-ROC / PR-AUC per model, pl
 held-out predictions pooled, and writes them with each fit's minutes to oof/viral_loeo[_<name>].json (a
 run with other --models than that file's stops before training unless --overwrite). An
 experiment without a viral contig has no AUC; it still counts in the pooled figure. "served" is stage
-11's rule applied inside each split: the model or mean of models with the best validation AUC, computed
+11's rule applied inside each split: the model or mean of models (viral.blend) with the best validation AUC, computed
 within each training experiment and averaged (the validation rows come from the training experiments
 only), scored on the held-out experiment.
 "fixed_blends": every mean of two or more models, the same for every experiment, with its mean AUC
@@ -36,7 +36,7 @@ from nucleic.dna_tasks import (
     stratified_split,
     stratified_subset,
     task_input,
-    viral_key,
+    viral_fits_key,
 )
 from nucleic.engine import setup_device
 from nucleic.io_utils import write_json
@@ -60,9 +60,10 @@ def main() -> None:
     device = setup_device(cfg.train)
     frame = stratified_subset(read_viral(task_input(cfg, "viral")), vc.max_rows, cfg.seed)
     labels, groups = frame.label.to_numpy(), frame.group.to_numpy()
-    work = claim_work_dir(Paths(cfg).run / "viral_loeo" / args.name, viral_key(cfg), False)
+    work = claim_work_dir(Paths(cfg).run / "viral_loeo" / args.name, viral_fits_key(cfg), False)
 
     rows, pooled = {}, {kind: np.zeros(len(frame)) for kind in [*models, "served"]}
+    blend = vc.get("blend", "probability")
     for experiment in sorted(set(groups)):
         test_idx = np.flatnonzero(groups == experiment)
         train_idx, val_idx = stratified_split(np.flatnonzero(groups != experiment), labels, vc.validation_fraction, cfg.seed)
@@ -77,8 +78,8 @@ def main() -> None:
             pooled[kind][test_idx], rows[f"{experiment}/{kind}"] = result["probs"], row
             print(f"{experiment:22s} {kind:9s} n={len(test_idx):6d} viral={viral:4d} "
                   f"AUC {_show(row['auc'])} PR-AUC {_show(row['pr_auc'])} ({row['minutes']} min)", flush=True)
-        served, _ = choose_blend(labels[val_idx], val_probs, groups[val_idx])
-        probs = served_mean([pooled[kind][test_idx] for kind in served])
+        served, _ = choose_blend(labels[val_idx], val_probs, groups[val_idx], blend)
+        probs = served_mean([pooled[kind][test_idx] for kind in served], blend)
         pooled["served"][test_idx], rows[f"{experiment}/served"] = probs, _row(labels[test_idx], probs, 0.0)
         rows[f"{experiment}/served"]["models"] = list(served)
         print(f"{experiment:22s} served ({' + '.join(served)}): AUC {_show(rows[f'{experiment}/served']['auc'])}",
@@ -98,7 +99,7 @@ def main() -> None:
               f"PR-AUC {summary[kind]['mean_pr_auc']:.4f}; pooled AUC {everything['auc']:.4f} "
               f"PR-AUC {everything['pr_auc']:.4f}" + (f"; scores {everything['coverage']:.1%} of the contigs"
                                                      if "coverage" in everything else ""))
-    blends = fixed_blends(models, pooled, labels, groups)
+    blends = fixed_blends(models, pooled, labels, groups, blend)
     figure = Paths(cfg).figures / f"viral_loeo{suffix}.png"
     by_experiment = {key.split("/")[0]: {} for key in rows}
     for key, row in rows.items():
@@ -108,7 +109,8 @@ def main() -> None:
     plot_grouped_scores(figure, "viral contigs, leave one experiment out (blank: no viral contig)", by_experiment,
                         "AUC-ROC on the held-out experiment", reference=0.85)
     write_json(report, {"results": rows, "summary": summary, "models": models,
-                                                             "fixed_blends": blends, "settings": args.overrides,
+                                                             "fixed_blends": blends, "blend": blend,
+                                                             "settings": args.overrides,
                                                              **artifact_meta(cfg)})
 
 
@@ -123,7 +125,7 @@ def refuse_to_replace_other_models(report, models: list[str], overwrite: bool) -
                          f"({' '.join(models)}) would replace it: give another --name, or --overwrite")
 
 
-def fixed_blends(models: list[str], pooled: dict, labels: np.ndarray, groups: np.ndarray) -> dict:
+def fixed_blends(models: list[str], pooled: dict, labels: np.ndarray, groups: np.ndarray, blend: str) -> dict:
     """Every mean of two or more models (served_mean), the same one for every held-out experiment: its mean
     AUC over the experiments with a viral contig; a mean that leaves a contig without a probability (only
     homology models) is skipped. Read after the fact, so the best row is chosen on the held-out
@@ -132,10 +134,10 @@ def fixed_blends(models: list[str], pooled: dict, labels: np.ndarray, groups: np
 
     table = {}
     for size in range(2, len(models) + 1):
-        for blend in itertools.combinations(models, size):
-            mean = served_mean([pooled[kind] for kind in blend])
+        for combination in itertools.combinations(models, size):
+            mean = served_mean([pooled[kind] for kind in combination], blend)
             if not np.isnan(mean).any():
-                table[" + ".join(blend)] = grouped_auc(labels, mean, groups)
+                table[" + ".join(combination)] = grouped_auc(labels, mean, groups)
     for name, auc in sorted(table.items(), key=lambda item: -item[1]):
         print(f"fixed blend {name:30s} mean AUC over the experiments with a viral contig {auc:.4f}")
     return table

@@ -378,6 +378,45 @@ def test_the_blend_is_chosen_on_validation_auc_and_prefers_fewer_models():
     assert choose_blend(labels, {"a": signal, "copy": signal.copy()})[0] == ("a",)
 
 
+def test_a_logit_blend_averages_log_odds_so_a_model_with_squeezed_probabilities_counts():
+    from nucleic.config import ConfigError
+    from nucleic.dna_tasks import BLEND_CLIP, served_mean
+
+    def logit(p):
+        return np.log(p / (1 - p))
+
+    spread, squeezed, abstains = np.array([0.9, 0.2, 0.5]), np.array([0.0, 0.04, 0.01]), np.array([np.nan, 1.0, np.nan])
+    mean_log_odds = [np.mean([logit(0.9), logit(BLEND_CLIP)]),
+                     np.mean([logit(0.2), logit(0.04), logit(1 - BLEND_CLIP)]), np.mean([logit(0.5), logit(0.01)])]
+    np.testing.assert_allclose(served_mean([spread, squeezed, abstains], "logit"), 1 / (1 + np.exp(-np.array(mean_log_odds))))
+    assert np.isnan(served_mean([np.array([np.nan]), np.array([np.nan])], "logit")).all()
+    np.testing.assert_array_equal(served_mean([squeezed], "logit"), squeezed)  # a model alone: as it is
+    with pytest.raises(ConfigError, match="blend: expected one of probability, logit"):
+        served_mean([spread], "rank")
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(100), np.zeros(900)]
+    network = 1 / (1 + np.exp(-(labels + rng.normal(0, 1.0, 1000))))
+    forest = 0.03 / (1 + np.exp(-2 * (labels + rng.normal(0, 1.0, 1000))))  # as informative, all below 0.03
+    alone = grouped_auc(labels, network)
+    assert grouped_auc(labels, served_mean([network, forest])) == pytest.approx(alone, abs=0.01), "the network decides"
+    assert grouped_auc(labels, served_mean([network, forest], "logit")) > alone + 0.03
+    assert choose_blend(labels, {"network": network, "forest": forest}, blend="logit")[0] == ("network", "forest")
+
+    from nucleic.config import load_config
+    from nucleic.dna_tasks import promoter_fits_key, promoter_key, promoter_network_key, viral_fits_key, viral_key
+
+    def keys(*overrides):
+        cfg = load_config("smoke", list(overrides))
+        return (viral_key(cfg), promoter_key(cfg)), (viral_fits_key(cfg), promoter_fits_key(cfg), promoter_network_key(cfg))
+
+    stages, fits = keys()
+    other_blend = keys("viral.blend=probability", "promoter.blend=logit")
+    assert other_blend[1] == fits, "no fit depends on the blend: the cached fits stay"
+    assert other_blend[0][0] != stages[0] and other_blend[0][1] != stages[1], "the stages rerun (from their caches)"
+    assert keys("viral.rf.trees=3")[1] != fits
+
+
 def test_with_groups_the_blend_is_chosen_for_ranking_inside_each_group_not_for_telling_groups_apart():
     rng = np.random.default_rng(0)
     groups = np.r_[np.zeros(200), np.ones(800)]  # two sequencing runs, 50 % and 3 % positives
@@ -575,9 +614,15 @@ def test_the_served_mean_leaves_out_a_model_without_an_opinion_and_a_homology_mo
     source.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(held_out + [loner])))
     assert predict_main(["promoter", "--input", str(source), "--output", str(out), "--preset", "smoke",
                          "--weights", *map(str, paths)]) == 0
-    expected = feature_model_proba(linear, feature_spec(cfg.promoter.linear), held_out + [loner])
+    linear_probs = feature_model_proba(linear, feature_spec(cfg.promoter.linear), held_out + [loner])
+    expected = linear_probs.copy()
     expected[:-1] = (expected[:-1] + truth) / 2  # the loner has no neighbour: the linear model alone
     np.testing.assert_allclose(pd.read_csv(out).probability.to_numpy(), expected, rtol=1e-5)
+    assert predict_main(["promoter", "--input", str(source), "--output", str(out), "--preset", "smoke",
+                         "--set", "promoter.blend=logit", "--weights", *map(str, paths)]) == 0
+    expected = served_mean([linear_probs, np.r_[truth, np.nan]], "logit")  # the task's blend serves
+    np.testing.assert_allclose(pd.read_csv(out).probability.to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(expected[:-1], (linear_probs[:-1] + truth) / 2, atol=1e-3)
 
 
 def test_a_saved_random_forest_predicts_through_the_predict_command(tmp_path, capsys):

@@ -181,10 +181,19 @@ def promoter_key(cfg: Config) -> dict:
     return {"promoter": dict(cfg.promoter), "seed": cfg.seed, "data_sha1": digest}
 
 
+def promoter_fits_key(cfg: Config) -> dict:
+    """What stage 10's fitted folds depend on: its key but the blend (how the served mean averages them)."""
+    return _without_blend(promoter_key(cfg), "promoter")
+
+
+def _without_blend(key: dict, section: str) -> dict:
+    return {**key, section: {k: v for k, v in key[section].items() if k != "blend"}}
+
+
 def promoter_network_key(cfg: Config) -> dict:
     """What stage 10's network folds depend on: every promoter setting but the linear and homology models',
     so tuning those (seconds) never retrains the network (minutes)."""
-    key = promoter_key(cfg)
+    key = promoter_fits_key(cfg)
     for kind in PROMOTER_BESIDE_NETWORK:
         key["promoter"].pop(kind, None)
     return key
@@ -205,11 +214,11 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     labels = frame.label.to_numpy()
     results = {}
     for kind in promoter_models(cfg):
-        key = promoter_network_key(cfg) if kind == pc.model else promoter_key(cfg)
+        key = promoter_network_key(cfg) if kind == pc.model else promoter_fits_key(cfg)
         work = claim_work_dir(paths.run / "promoter" / kind, key, force)
         results[kind] = run_cv(cfg, with_kind(pc, kind), frame, work, device)
     result, folds = results[pc.model], results[pc.model]["folds"]
-    served = served_mean([r["probabilities"] for r in results.values()])
+    served = served_mean([r["probabilities"] for r in results.values()], pc.get("blend", "probability"))
     per_fold = per_fold_metrics(labels, folds, served)
     summary = mean_over_folds(per_fold)
     name = " + ".join(results)
@@ -248,14 +257,28 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
 PROMOTER_BESIDE_NETWORK = ("linear", "homology")  # stage 10's models beside the network, each where set
 
 
-def served_mean(probabilities: list[np.ndarray]) -> np.ndarray:
-    """Per row, the mean probability of the models that give one (a homology model abstains, NaN); NaN
-    where none does."""
+BLENDS = ("probability", "logit")
+BLEND_CLIP = 1e-3  # logit blend: probabilities clipped to [1e-3, 1 - 1e-3], so one model's log-odds stay within +-6.9
+
+
+def served_mean(probabilities: list[np.ndarray], blend: str = "probability") -> np.ndarray:
+    """Per row, the mean of the models that give a probability (a homology model abstains, NaN); NaN
+    where none does. blend "probability": the mean probability; "logit": the sigmoid of the mean log-odds
+    (each clipped at BLEND_CLIP), so a model whose probabilities are squeezed near 0 (a forest's vote
+    share) weighs as much in the ranking as one that spreads them."""
     import warnings
 
+    if blend not in BLENDS:
+        from .config import ConfigError
+        raise ConfigError(f"blend: expected one of {', '.join(BLENDS)}; got {blend!r}")
+    stacked = np.stack(probabilities).astype(np.float64)
+    if blend == "logit" and len(stacked) > 1:  # (a model alone is served as it is, unclipped)
+        clipped = np.clip(stacked, BLEND_CLIP, 1 - BLEND_CLIP)
+        stacked = np.log(clipped) - np.log1p(-clipped)
     with warnings.catch_warnings():  # numpy warns of a row with no probability at all
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(np.stack(probabilities), axis=0)
+        mean = np.nanmean(stacked, axis=0)
+    return 1 / (1 + np.exp(-mean)) if blend == "logit" and len(stacked) > 1 else mean
 
 
 def promoter_models(cfg: Config) -> list[str]:
@@ -372,9 +395,9 @@ def save_feature_model(path: Path, kind: str, estimator, spec: dict) -> None:
 
 
 def choose_blend(labels: np.ndarray, val_probs: dict[str, np.ndarray],
-                 groups: np.ndarray | None = None) -> tuple[tuple[str, ...], float]:
-    """Of every model alone and every mean of the probabilities of two or more (per row, of the models
-    with an opinion: served_mean), the one with the best validation AUC (on a tie, fewer models): (its
+                 groups: np.ndarray | None = None, blend: str = "probability") -> tuple[tuple[str, ...], float]:
+    """Of every model alone and every mean of two or more (per row, of the models with an opinion:
+    served_mean with `blend`), the one with the best validation AUC (on a tie, fewer models): (its
     models, that AUC). A candidate must score every row, so a homology model, which abstains where a row
     has no neighbour, is chosen only beside a model that does not. With `groups` (viral: each row's
     sequencing experiment), the AUC is computed within each group holding both classes and averaged,
@@ -385,7 +408,7 @@ def choose_blend(labels: np.ndarray, val_probs: dict[str, np.ndarray],
     best, best_auc = None, -1.0
     for size in range(1, len(val_probs) + 1):
         for models in itertools.combinations(val_probs, size):
-            mean = served_mean([val_probs[m] for m in models])
+            mean = served_mean([val_probs[m] for m in models], blend)
             if np.isnan(mean).any():
                 continue
             auc = grouped_auc(labels, mean, groups)
@@ -423,9 +446,15 @@ def viral_key(cfg: Config) -> dict:
     return _data_key(cfg, "viral", "viral")
 
 
+def viral_fits_key(cfg: Config) -> dict:
+    """What stage 11's fitted models depend on: its key but the blend, so a new blend reruns the stage
+    from its cached fits."""
+    return _without_blend(viral_key(cfg), "viral")
+
+
 def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     """(a) one whole experiment held out, train/validate on the others; (b) a stratified random split
-    (viral.protocols). The served model: of every model and every mean of two or more, the one with the
+    (viral.protocols). The served model: of every model and every mean of two or more (viral.blend), the one with the
     best AUC on protocol (a)'s validation rows (within each training experiment, averaged), retrained on
     every experiment (10 % kept apart for the best epoch) and written to
     work/<preset>/viral/serve_<kind>.{pt,joblib} for the predict command.
@@ -455,14 +484,15 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
         train_val, random_test = stratified_split(everything, labels, vc.test_fraction, cfg.seed)
         protocols["random_split"] = (*stratified_split(train_val, labels, vc.validation_fraction, cfg.seed),
                                      random_test)
-    work = claim_work_dir(paths.run / "viral", viral_key(cfg), force)
+    work = claim_work_dir(paths.run / "viral", viral_fits_key(cfg), force)
     results = {(p, kind): fit_and_score(cfg, vc, kind, frame, *idx, work / f"{p}_{kind}.pkl", device)
                for p, idx in protocols.items() for kind in vc.models}
     val_idx = protocols["experiment"][1]
+    blend = vc.get("blend", "probability")
     served, served_val_auc = choose_blend(labels[val_idx], {k: results[("experiment", k)]["val_probs"]
-                                                            for k in vc.models}, frame.group.to_numpy()[val_idx])
+                                                            for k in vc.models}, frame.group.to_numpy()[val_idx], blend)
     for p, (_, _, test_idx) in protocols.items():
-        probs = served_mean([results[(p, k)]["probs"] for k in served])
+        probs = served_mean([results[(p, k)]["probs"] for k in served], blend)
         results[(p, "served")] = {"probs": probs, "history": [],
                                   "metrics": binary_classification_metrics(labels[test_idx], probs)}
     serve_train, serve_val = stratified_split(everything, labels, vc.validation_fraction, cfg.seed)
@@ -476,7 +506,7 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     metrics = paths.oof / "viral_metrics.json"
     write_json(metrics, {"auc": headline["auc"], "pr_auc": headline["pr_auc"],
                          "holdout_experiment": vc.holdout_experiment,
-                         "served": {"models": list(served), "validation_auc": served_val_auc,
+                         "served": {"models": list(served), "blend": blend, "validation_auc": served_val_auc,
                                     "weights": [str(served_weights(work, k)) for k in served]},
                          "results": report, "imbalance": _imbalance_note(vc), **artifact_meta(cfg)})
     figures = [paths.figures / "viral_roc_pr.png", paths.figures / "viral_learning_curves.png",

@@ -92,10 +92,11 @@ def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFra
     return predictions_frame(data.ids, mean, [len(s) for s in sequences])
 
 
-def predict_classifier(cfg, records, weights: list[Path], path: Path, device) -> pd.DataFrame:
+def predict_classifier(cfg, records, weights: list[Path], path: Path, device, blend: str = "probability") -> pd.DataFrame:
     """The served probability of the given models: networks (.pt), random forests, linear and homology
     models (.joblib), all written by stages 10-12. Each kind's files (its CV folds) are averaged, then
-    the kinds, as the stage serves them (served_mean: a homology model without an opinion is left out).
+    the kinds, as the stage serves them (served_mean with the task's `blend`: a homology model without an
+    opinion is left out).
     Sequences may be as long as the shortest length a network was trained on."""
     from .classify import encode_sequences, load_classifier, predict_proba
     from .dna_data import DNA_ALPHABET
@@ -118,7 +119,7 @@ def predict_classifier(cfg, records, weights: list[Path], path: Path, device) ->
             per_kind[model.kind].append(predict_proba(model, tokens, device, 256,
                                                       pairs if getattr(model, "structure", False) else None))
     means = [served_mean(probs) for probs in per_kind.values()]  # (a homology model's folds: those with an opinion)
-    return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": served_mean(means)})
+    return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": served_mean(means, blend)})
 
 
 def load_feature_model(path: Path) -> dict:
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             cleaned = clean_records(records, path, SEQUENCE_TOKENS, MAX_RNA_LENGTH, min_length=cfg.model.nlayer)
             frame = predict_openvaccine(cfg, cleaned, weights, device)
         else:
-            frame = predict_classifier(cfg, records, weights, path, device)
+            frame = predict_classifier(cfg, records, weights, path, device, cfg[args.task].get("blend", "probability"))
         write_csv(args.output, frame)
     except (InputError, ConfigError) as err:
         print(f"ERROR {err}", file=sys.stderr)
