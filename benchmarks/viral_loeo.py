@@ -35,6 +35,7 @@ from nucleic.dna_tasks import (
     served_mean,
     stratified_split,
     stratified_subset,
+    task_blend,
     task_input,
     viral_fits_key,
 )
@@ -63,7 +64,7 @@ def main() -> None:
     work = claim_work_dir(Paths(cfg).run / "viral_loeo" / args.name, viral_fits_key(cfg), False)
 
     rows, pooled = {}, {kind: np.zeros(len(frame)) for kind in [*models, "served"]}
-    blend = vc.get("blend", "probability")
+    blend = task_blend(vc)
     for experiment in sorted(set(groups)):
         test_idx = np.flatnonzero(groups == experiment)
         train_idx, val_idx = stratified_split(np.flatnonzero(groups != experiment), labels, vc.validation_fraction, cfg.seed)

@@ -218,7 +218,7 @@ def promoter(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
         work = claim_work_dir(paths.run / "promoter" / kind, key, force)
         results[kind] = run_cv(cfg, with_kind(pc, kind), frame, work, device)
     result, folds = results[pc.model], results[pc.model]["folds"]
-    served = served_mean([r["probabilities"] for r in results.values()], pc.get("blend", "probability"))
+    served = served_mean([r["probabilities"] for r in results.values()], task_blend(pc))
     per_fold = per_fold_metrics(labels, folds, served)
     summary = mean_over_folds(per_fold)
     name = " + ".join(results)
@@ -272,13 +272,19 @@ def served_mean(probabilities: list[np.ndarray], blend: str = "probability") -> 
         from .config import ConfigError
         raise ConfigError(f"blend: expected one of {', '.join(BLENDS)}; got {blend!r}")
     stacked = np.stack(probabilities).astype(np.float64)
-    if blend == "logit" and len(stacked) > 1:  # (a model alone is served as it is, unclipped)
+    log_odds = blend == "logit" and len(stacked) > 1  # (a model alone is served as it is, unclipped)
+    if log_odds:
         clipped = np.clip(stacked, BLEND_CLIP, 1 - BLEND_CLIP)
         stacked = np.log(clipped) - np.log1p(-clipped)
     with warnings.catch_warnings():  # numpy warns of a row with no probability at all
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(stacked, axis=0)
-    return 1 / (1 + np.exp(-mean)) if blend == "logit" and len(stacked) > 1 else mean
+    return 1 / (1 + np.exp(-mean)) if log_odds else mean
+
+
+def task_blend(section) -> str:
+    """A task section's `blend` (how its served models are averaged); probability where it has none (mirna)."""
+    return section.get("blend", "probability")
 
 
 def promoter_models(cfg: Config) -> list[str]:
@@ -488,7 +494,7 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     results = {(p, kind): fit_and_score(cfg, vc, kind, frame, *idx, work / f"{p}_{kind}.pkl", device)
                for p, idx in protocols.items() for kind in vc.models}
     val_idx = protocols["experiment"][1]
-    blend = vc.get("blend", "probability")
+    blend = task_blend(vc)
     served, served_val_auc = choose_blend(labels[val_idx], {k: results[("experiment", k)]["val_probs"]
                                                             for k in vc.models}, frame.group.to_numpy()[val_idx], blend)
     for p, (_, _, test_idx) in protocols.items():

@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             cleaned = clean_records(records, path, SEQUENCE_TOKENS, MAX_RNA_LENGTH, min_length=cfg.model.nlayer)
             frame = predict_openvaccine(cfg, cleaned, weights, device)
         else:
-            frame = predict_classifier(cfg, records, weights, path, device, cfg[args.task].get("blend", "probability"))
+            from .dna_tasks import task_blend
+
+            frame = predict_classifier(cfg, records, weights, path, device, task_blend(cfg[args.task]))
         write_csv(args.output, frame)
     except (InputError, ConfigError) as err:
         print(f"ERROR {err}", file=sys.stderr)
