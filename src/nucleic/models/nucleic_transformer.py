@@ -190,27 +190,31 @@ class ScaledPointwiseConv(nn.Conv2d):
 
 class KmerConv(nn.Conv1d):
     """Nucleotides (B, L, d) -> k-mers (B, L - k + 1, d): a Conv1d (same weights) computed as one matrix
-    product over the k stacked neighbours, with no transposes to and from (B, d, L)."""
+    product over the k stacked neighbours, with no transposes to and from (B, d, L). The neighbours are
+    stacked whole (index i * d + c), so torch.compile copies them in contiguous rows of d channels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, channels = x.shape
-        k = self.kernel_size[0]
-        windows = x.unfold(1, k, 1).reshape(batch, length - k + 1, channels * k)  # index c * k + i
-        return F.linear(windows, self.weight.reshape(self.out_channels, -1), self.bias)
+        kmers = x.shape[1] - self.kernel_size[0] + 1
+        windows = torch.cat([x[:, i:i + kmers] for i in range(self.kernel_size[0])], dim=-1)
+        return F.linear(windows, self.weight.permute(0, 2, 1).reshape(self.out_channels, -1), self.bias)
 
 
 class KmerDeconv(nn.ConvTranspose1d):
     """k-mers (B, L', d) -> nucleotides (B, L' + k - 1, d): a ConvTranspose1d (same weights) computed as one
-    matrix product to k outputs per k-mer, then k shifted adds."""
+    matrix product to k outputs per k-mer, then a sum of k shifted copies.
+
+    The copies are zero-padded slices added out of place: torch.compile turned in-place adds into slices
+    of one buffer into nested masked expressions that its fused LayerNorm evaluated again on each pass
+    (2.5x the time of the padded sum; README "Measured figures")."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, kmers, _ = x.shape
         k = self.kernel_size[0]
         spread = F.linear(x, self.weight.permute(2, 1, 0).reshape(k * self.out_channels, -1))
         spread = spread.view(batch, kmers, k, self.out_channels)
-        out = self.bias.to(spread.dtype).expand(batch, kmers + k - 1, self.out_channels).clone()
-        for i in range(k):
-            out[:, i:i + kmers] += spread[:, :, i]
+        out = self.bias.to(spread.dtype)
+        for i in range(k):  # k-mer t feeds nucleotides t .. t + k - 1
+            out = out + F.pad(spread[:, :, i], (0, 0, i, k - 1 - i))
         return out
 
 
