@@ -576,9 +576,10 @@ def mirna(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
             figures.append(paths.figures / f"mirna_learning_curves_{kind}.png")
             plot_classifier_learning_curves(figures[-1], f"mirna {kind}: {mc.folds}-fold CV (validation AUC)",
                                             cv["histories"])
-    served, served_auc = choose_blend(labels[train_idx], {k: p[train_idx] for k, p in cv_probs.items()})
-    served_test = np.mean([test_probs[k] for k in served], axis=0)
-    served_cv = np.mean([cv_probs[k] for k in served], axis=0)
+    blend = task_blend(mc)
+    served, served_auc = choose_blend(labels[train_idx], {k: p[train_idx] for k, p in cv_probs.items()}, blend=blend)
+    served_test = served_mean([test_probs[k] for k in served], blend)
+    served_cv = served_mean([cv_probs[k] for k in served], blend)
     served_row = {"paper_protocol": _five(binary_classification_metrics(labels[test_idx], served_test)),
                   "cv": _five(per_fold_mean(labels, folds, served_cv))}
     roc_curves[f"served ({' + '.join(served)}), 30 % test"] = (labels[test_idx], served_test)
