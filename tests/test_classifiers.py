@@ -709,6 +709,54 @@ def _pair_frequencies(sequence: str, k: int) -> dict[str, float]:
     return pairs
 
 
+def _reference_coding_features(sequence: str) -> list[float]:
+    """coding_features written plainly: translate six frames with a codon dictionary, split at stops."""
+    from nucleic.classify import reverse_complement as reverse_complement_string
+    from nucleic.models.classifiers import AMINO_ACIDS
+
+    bases = "TCAG"
+    table = "FFLLSSSSYY**CC*WLLLLPPPPHHQQRRRRIIIMTTTTNNKKSSRRVVVVAAAADDEEGGGG"
+    code = {a + b + c: table[16 * i + 4 * j + m] for i, a in enumerate(bases) for j, b in enumerate(bases)
+            for m, c in enumerate(bases)}
+    frames = [[code.get(strand[i:i + 3], "?") for i in range(offset, len(strand) - 2, 3)]
+              for strand in (sequence, reverse_complement_string(sequence)) for offset in range(3)]
+    stretches = ["".join(frame).split("*") for frame in frames]
+    longest = [max(len(piece) for piece in pieces) for pieces in stretches]
+    open_share = sorted((n / len(frame) if frame else 0.0 for n, frame in zip(longest, frames)), reverse=True)
+    stop_share = sorted(frame.count("*") / len(frame) if frame else 1.0 for frame in frames)
+    tied = "".join(piece for pieces in stretches for piece in pieces if len(piece) == max(longest))
+    counts = [tied.count(amino) for amino in AMINO_ACIDS]
+    return [*open_share[:2], *stop_share[:2], sum(s >= 0.8 for s in open_share), sum(s >= 1 for s in open_share),
+            *(np.array(counts) / max(sum(counts), 1))]
+
+
+def test_coding_features_read_six_frames_alike_on_either_strand_and_find_a_gene():
+    from nucleic.classify import coding_features
+    from nucleic.classify import reverse_complement as reverse_complement_string
+    from nucleic.models.classifiers import CODING_FEATURES, coding_profile
+
+    rng = np.random.default_rng(3)
+    sense = [a + b + c for a in "ACGT" for b in "ACGT" for c in "ACGT" if a + b + c not in ("TAA", "TAG", "TGA")]
+    gene = "ATG" + "".join(rng.choice(sense, 99)) + "TAA"  # 100 codons without a stop, then one
+    noise = ["".join(rng.choice(list("ACGT"), n)) for n in (300, 301, 302, 7, 2)]
+    sequences = [gene, *noise, "ACGTAACGTTAGGCTAA"]
+    features = coding_features(sequences)
+    assert features.shape == (len(sequences), CODING_FEATURES)
+    for row, sequence in enumerate(sequences):
+        np.testing.assert_allclose(features[row], _reference_coding_features(sequence), atol=1e-6)
+    np.testing.assert_array_equal(coding_features([reverse_complement_string(s) for s in sequences]), features)
+    assert features[0, 0] == pytest.approx(100 / 101) and features[0, 2] == pytest.approx(1 / 101)
+    assert features[0, 0] > features[1:4, 0].max(), "a gene runs longer without a stop than random DNA"
+    assert features[5, :6].tolist() == [0, 0, 1, 1, 0, 0], "two bases hold no codon"
+    with_n = encode_sequences(sequences[-1:])
+    with_n[0, 4] = 0  # an N inside: its codon is no stop and codes for nothing, on either strand
+    for tokens in (with_n, reverse_complement(with_n)):
+        np.testing.assert_allclose(coding_profile(tokens)[0], _reference_coding_features("ACGTNACGTTAGGCTAA"), atol=1e-6)
+    spec = feature_spec({"ks": [1], "coding": True})
+    np.testing.assert_array_equal(sequence_features(sequences, spec)[:, 4:], features)
+    assert feature_spec({"ks": [1]})["coding"] is False, "a forest saved before the setting reads no coding features"
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_canonical_kmer_frequencies_count_each_kmer_with_its_reverse_complement(k):
     import itertools
@@ -733,7 +781,7 @@ def test_canonical_kmer_frequencies_count_each_kmer_with_its_reverse_complement(
     assert feature_spec({"ks": [k]})["canonical"] is False, "a forest saved before the setting reads plain k-mers"
 
 
-def test_a_canonical_kmer_branch_reads_both_strands_the_same(tmp_path):
+def test_a_canonical_kmer_branch_reads_both_strands_the_same_with_or_without_coding_features(tmp_path):
     from nucleic.classify import build_classifier
 
     tokens = encode_sequences(["ACGTACGGTTACAGGA", "GGGCCAGTT", "ATTTTTTTTC"])  # padding
@@ -755,6 +803,18 @@ def test_a_canonical_kmer_branch_reads_both_strands_the_same(tmp_path):
     save_classifier(tmp_path / "serve_nt.pt", "nt", settings, tokens.shape[1], model)
     loaded, _ = load_classifier(tmp_path / "serve_nt.pt", torch.device("cpu"))
     assert loaded.canonical  # the predict command rebuilds the canonical branch
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens))
+    from nucleic.classify import coding_features
+    from nucleic.models.classifiers import CODING_FEATURES
+
+    coding = {**settings, "kmer_branch": {"ks": [1, 2, 3], "dense": 8, "canonical": True, "coding": True}}
+    model = build_classifier("nt", coding, tokens.shape[1]).eval()
+    assert model.branch[0].in_features == 2 + 10 + 32 + CODING_FEATURES and not loaded.coding
+    torch.testing.assert_close(model.profile(flipped), model.profile(tokens))
+    np.testing.assert_allclose(model.profile(tokens[:1])[0, 44:].numpy(), coding_features(["ACGTACGGTTACAGGA"])[0])
+    save_classifier(tmp_path / "serve_coding.pt", "nt", coding, tokens.shape[1], model)
+    loaded, _ = load_classifier(tmp_path / "serve_coding.pt", torch.device("cpu"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens))
 

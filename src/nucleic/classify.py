@@ -12,6 +12,7 @@ from .dna_data import DNA_ALPHABET
 from .engine import Trainer, eq11_peak_lr, load_checkpoint, make_adam, seed_torch, to_device, warmup_inverse_sqrt
 from .features import tokenize
 from .models.classifiers import (
+    CODING_FEATURES,
     BothStrands,
     DanQ,
     NTClassifier,
@@ -19,6 +20,7 @@ from .models.classifiers import (
     ViraMiner,
     WithKmerBranch,
     canonical_kmer_matrix,
+    coding_profile,
 )
 
 
@@ -229,7 +231,7 @@ def feature_spec(settings) -> dict:
             "ends": int(settings.get("ends") or 0),
             "globals": list(settings.get("globals") or []), "positions": int(settings.get("positions") or 0),
             "boxes": [[str(motif).upper(), int(start), int(end)] for motif, start, end in settings.get("boxes") or []],
-            "neighbours": int(settings.get("neighbours") or 0),
+            "coding": bool(settings.get("coding")), "neighbours": int(settings.get("neighbours") or 0),
             "neighbours_both_strands": bool(settings.get("neighbours_both_strands"))}
     unknown = set(spec["globals"]) - set(FEATURE_GLOBALS)
     if unknown:
@@ -259,6 +261,8 @@ def sequence_features(sequences: list[str], spec: dict) -> np.ndarray:
 
             energies = ViennaSource("Turner2004").free_energies(sequences)
             blocks.append(np.stack([energies, energies / np.maximum(lengths, 1)], axis=1))
+    if spec.get("coding"):
+        blocks.append(coding_features(sequences))
     if spec.get("positions"):
         blocks.append(position_nucleotides(sequences, spec["positions"]))
     for motif, start, end in spec.get("boxes", []):
@@ -440,6 +444,15 @@ class SharedKmerNeighbours:
         counts = self.counts(sequences, query_groups=query_groups)
         found = counts[:, 0] + counts[:, 1]
         return np.where(found > 0, counts[:, 0] / np.maximum(found, 1), np.nan)
+
+
+def coding_features(sequences: list[str], batch_size: int = 4096) -> np.ndarray:
+    """(N, CODING_FEATURES) reading-frame features of each sequence (coding_profile: the stop-free
+    stretches of its six frames and the amino-acid composition of the longest)."""
+    if not sequences:
+        return np.zeros((0, CODING_FEATURES), np.float32)
+    return np.concatenate([coding_profile(encode_sequences(sequences[i:i + batch_size])).numpy()
+                           for i in range(0, len(sequences), batch_size)])
 
 
 def position_nucleotides(sequences: list[str], n: int) -> np.ndarray:

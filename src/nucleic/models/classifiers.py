@@ -3,6 +3,7 @@ classification (paper 2.2.1-2.2.3) and two baselines, DanQ (seed 004) and the nu
 (seed 000). Inputs are token ids (B, L): 0 = N / padding, 1..4 = A, C, G, T."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -194,6 +195,72 @@ def kmer_profile(tokens: torch.Tensor, k: int) -> torch.Tensor:
     return counts / counts.sum(dim=1, keepdim=True).clamp(min=1.0) * 4 ** k
 
 
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+CODING_FEATURES = 6 + len(AMINO_ACIDS)
+
+
+def genetic_code() -> np.ndarray:
+    """The standard genetic code: the AMINO_ACIDS index of each of the 64 codons (-1 for a stop), codon
+    index 16 a + 4 b + c with the bases numbered in ACGT order."""
+    tcag = "FFLLSSSSYY**CC*WLLLLPPPPHHQQRRRRIIIMTTTTNNKKSSRRVVVVAAAADDEEGGGG"  # the textbook table, TCAG order
+    place = {"T": 0, "C": 1, "A": 2, "G": 3}
+    return np.array([AMINO_ACIDS.find(tcag[16 * place[a] + 4 * place[b] + place[c]])
+                     for a, b, c in itertools.product("ACGT", repeat=3)])
+
+
+def coding_profile(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, CODING_FEATURES): how much each sequence looks like a piece of a gene, read in all six frames
+    (three per strand). A viral genome is mostly coding, the human DNA beside it in a metagenomic sample
+    mostly not, and a frame that runs long without a stop codon is what coding looks like in any genome,
+    so these features carry over to viruses of runs a model never saw. Per sequence: the longest and
+    second-longest stop-free stretch (as a share of its frame's codons), the lowest and second-lowest
+    share of stop codons, how many frames run 80 % and 100 % of their length without a stop, then the
+    amino-acid composition of the longest stretch (of all that tie for it). A codon holding an N is no
+    stop and codes for nothing; the same on either strand."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    lengths = ((tokens != 0) * (positions + 1)).amax(dim=1)  # to the last base; inner Ns kept
+    frames = [_frame(strand, offset, lengths) for strand in (tokens, reverse_complement(tokens)) for offset in range(3)]
+    codons = torch.stack([f["codons"] for f in frames], 1).clamp(min=1)  # (B, 6)
+    open_share = torch.stack([f["longest"] for f in frames], 1) / codons
+    stop_share = torch.stack([f["stops"] for f in frames], 1) / codons
+    stop_share = torch.where(torch.stack([f["codons"] for f in frames], 1) > 0, stop_share, 1.0)
+    longest = torch.stack([f["longest"] for f in frames], 1).amax(dim=1, keepdim=True)
+    composition = sum(_stretch_composition(f, longest) for f in frames)
+    composition = composition / composition.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.cat([open_share.sort(dim=1, descending=True).values[:, :2], stop_share.sort(dim=1).values[:, :2],
+                      (open_share >= 0.8).sum(dim=1, keepdim=True), (open_share >= 1).sum(dim=1, keepdim=True),
+                      composition], dim=1).float()
+
+
+def _frame(tokens: torch.Tensor, offset: int, lengths: torch.Tensor) -> dict:
+    """One reading frame: each codon's amino acid (-1 stop, -2 an N or past the end), the frame's codon
+    count, its stops, its longest stop-free stretch, and for each codon the length of the stretch it lies in."""
+    n = max((tokens.shape[1] - offset) // 3, 0)
+    zero = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
+    if n == 0:
+        empty = torch.zeros(len(tokens), 0, dtype=torch.long, device=tokens.device)
+        return {"aminos": empty, "stretch": empty, "codons": zero, "stops": zero, "longest": zero}
+    bases = (tokens[:, offset:offset + 3 * n] - 1).reshape(len(tokens), n, 3)
+    table = torch.as_tensor(genetic_code(), device=tokens.device)
+    aminos = table[(bases.clamp(min=0) * torch.tensor([16, 4, 1], device=tokens.device)).sum(-1)]
+    inside = offset + 3 * torch.arange(1, n + 1, device=tokens.device) <= lengths[:, None]
+    aminos = torch.where((bases >= 0).all(-1) & inside, aminos, -2)
+    stop = (aminos == -1) | ~inside
+    place = torch.arange(n, device=tokens.device).expand(len(tokens), n)
+    last_stop = torch.where(stop, place, -1).cummax(dim=1).values
+    next_stop = torch.where(stop, place, n).flip(1).cummin(dim=1).values.flip(1)
+    stretch = torch.where(stop, 0, next_stop - last_stop - 1)
+    return {"aminos": aminos, "stretch": stretch, "codons": inside.sum(1),
+            "stops": ((aminos == -1) & inside).sum(1), "longest": stretch.amax(1)}
+
+
+def _stretch_composition(frame: dict, longest: torch.Tensor) -> torch.Tensor:
+    """(B, 20) amino-acid counts of the codons in a stretch as long as the sequence's longest."""
+    member = (frame["stretch"] == longest) & (longest > 0) & (frame["aminos"] >= 0)
+    one_hot = F.one_hot(frame["aminos"].clamp(min=0), len(AMINO_ACIDS)) * member[..., None]
+    return one_hot.sum(dim=1).float()
+
+
 def canonical_kmer_matrix(k: int) -> np.ndarray:
     """(4**k, n) 0/1 matrix summing each k-mer's column with its reverse complement's: n columns, one per
     k-mer / reverse-complement pair (a palindrome is its own pair), in the order of the pair's smaller
@@ -212,24 +279,26 @@ class WithKmerBranch(nn.Module):
     """A classifier plus a k-mer statistics branch: the k-mer profiles of the sequence (k in ks, the
     features of the random-forest baseline) through a small MLP, whose logit is added to the
     classifier's, both trained together. With canonical, each k-mer counts together with its reverse
-    complement (canonical_kmer_matrix), so the branch reads a contig the same on either strand."""
+    complement (canonical_kmer_matrix), so the branch reads a contig the same on either strand; with
+    coding, the branch also reads the reading-frame features of coding_profile."""
 
     def __init__(self, model: nn.Module, ks: tuple[int, ...] = (1, 2, 3, 4, 5), dense: int = 64,
-                 dropout: float = 0.5, canonical: bool = False):
+                 dropout: float = 0.5, canonical: bool = False, coding: bool = False):
         super().__init__()
         self.model = model
         self.ks = tuple(ks)
-        self.canonical = bool(canonical)
+        self.canonical, self.coding = bool(canonical), bool(coding)
         for k in self.ks if self.canonical else ():
             self.register_buffer(f"canonical_{k}", torch.from_numpy(canonical_kmer_matrix(k)), persistent=False)
         width = sum(getattr(self, f"canonical_{k}").shape[1] if self.canonical else 4 ** k for k in self.ks)
+        width += CODING_FEATURES if self.coding else 0
         self.branch = nn.Sequential(nn.Linear(width, dense), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dense, 1))
 
     def profile(self, tokens: torch.Tensor) -> torch.Tensor:
         profiles = [kmer_profile(tokens, k) for k in self.ks]
         if self.canonical:
             profiles = [p @ getattr(self, f"canonical_{k}") for p, k in zip(profiles, self.ks)]
-        return torch.cat(profiles, dim=1)
+        return torch.cat(profiles + ([coding_profile(tokens)] if self.coding else []), dim=1)
 
     def forward(self, tokens: torch.Tensor, *extra) -> torch.Tensor:
         return self.model(tokens, *extra) + self.branch(self.profile(tokens)).squeeze(-1)
