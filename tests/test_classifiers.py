@@ -668,7 +668,7 @@ def test_a_saved_random_forest_predicts_through_the_predict_command(tmp_path, ca
     # A forest saved before linear models existed ({"kind": "rf", "ks", "forest"}: plain k-mers only) still serves
     import joblib
 
-    plain_cfg = load_config("smoke", ["viral.rf.trees=10", "viral.rf.canonical=false"])
+    plain_cfg = load_config("smoke", ["viral.rf.trees=10", "viral.rf.canonical=false", "viral.rf.coding=false"])
     plain_forest = fit_feature_model(plain_cfg, plain_cfg.viral, "rf", frame, np.arange(60))
     legacy = tmp_path / "legacy_rf.joblib"
     joblib.dump({"kind": "rf", "ks": list(cfg.viral.rf.ks), "forest": plain_forest}, legacy)
