@@ -161,11 +161,17 @@ class ViraMiner(nn.Module):
         return self.head(self.dropout(torch.cat(branches, dim=1))).squeeze(-1)
 
 
+def sequence_lengths(tokens: torch.Tensor) -> torch.Tensor:
+    """(B,) each sequence's length: to its last base (inner Ns count, the 3' padding does not)."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    return ((tokens != 0) * (positions + 1)).amax(dim=1)
+
+
 def reverse_complement(tokens: torch.Tensor) -> torch.Tensor:
     """Token ids of the other strand: each sequence reversed within its length and A<->T, C<->G;
     N stays N, the 3' padding stays at the end."""
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    lengths = ((tokens != 0) * (positions + 1)).amax(dim=1, keepdim=True)  # to the last base; inner Ns kept
+    lengths = sequence_lengths(tokens)[:, None]
     source = (lengths - 1 - positions).clamp(min=0)
     flipped = tokens.gather(1, source)
     complement = torch.where(flipped > 0, 5 - flipped, flipped)
@@ -208,6 +214,9 @@ def genetic_code() -> np.ndarray:
                      for a, b, c in itertools.product("ACGT", repeat=3)])
 
 
+_GENETIC_CODE = genetic_code()
+
+
 def coding_profile(tokens: torch.Tensor) -> torch.Tensor:
     """(B, CODING_FEATURES): how much each sequence looks like a piece of a gene, read in all six frames
     (three per strand). A viral genome is mostly coding, the human DNA beside it in a metagenomic sample
@@ -217,14 +226,13 @@ def coding_profile(tokens: torch.Tensor) -> torch.Tensor:
     share of stop codons, how many frames run 80 % and 100 % of their length without a stop, then the
     amino-acid composition of the longest stretch (of all that tie for it). A codon holding an N is no
     stop and codes for nothing; the same on either strand."""
-    positions = torch.arange(tokens.shape[1], device=tokens.device)
-    lengths = ((tokens != 0) * (positions + 1)).amax(dim=1)  # to the last base; inner Ns kept
-    frames = [_frame(strand, offset, lengths) for strand in (tokens, reverse_complement(tokens)) for offset in range(3)]
-    codons = torch.stack([f["codons"] for f in frames], 1).clamp(min=1)  # (B, 6)
-    open_share = torch.stack([f["longest"] for f in frames], 1) / codons
-    stop_share = torch.stack([f["stops"] for f in frames], 1) / codons
-    stop_share = torch.where(torch.stack([f["codons"] for f in frames], 1) > 0, stop_share, 1.0)
-    longest = torch.stack([f["longest"] for f in frames], 1).amax(dim=1, keepdim=True)
+    lengths, table = sequence_lengths(tokens), torch.as_tensor(_GENETIC_CODE, device=tokens.device)
+    frames = [_frame(strand, offset, lengths, table) for strand in (tokens, reverse_complement(tokens))
+              for offset in range(3)]
+    codons, stretches = (torch.stack([f[key] for f in frames], 1) for key in ("codons", "longest"))  # (B, 6) each
+    open_share = stretches / codons.clamp(min=1)
+    stop_share = torch.where(codons > 0, torch.stack([f["stops"] for f in frames], 1) / codons.clamp(min=1), 1.0)
+    longest = stretches.amax(dim=1, keepdim=True)
     composition = sum(_stretch_composition(f, longest) for f in frames)
     composition = composition / composition.sum(dim=1, keepdim=True).clamp(min=1)
     return torch.cat([open_share.sort(dim=1, descending=True).values[:, :2], stop_share.sort(dim=1).values[:, :2],
@@ -232,16 +240,16 @@ def coding_profile(tokens: torch.Tensor) -> torch.Tensor:
                       composition], dim=1).float()
 
 
-def _frame(tokens: torch.Tensor, offset: int, lengths: torch.Tensor) -> dict:
+def _frame(tokens: torch.Tensor, offset: int, lengths: torch.Tensor, table: torch.Tensor) -> dict:
     """One reading frame: each codon's amino acid (-1 stop, -2 an N or past the end), the frame's codon
-    count, its stops, its longest stop-free stretch, and for each codon the length of the stretch it lies in."""
+    count, its stops, its longest stop-free stretch, and for each codon the length of the stretch it lies in
+    (table: genetic_code on the tokens' device)."""
     n = max((tokens.shape[1] - offset) // 3, 0)
     zero = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
     if n == 0:
         empty = torch.zeros(len(tokens), 0, dtype=torch.long, device=tokens.device)
         return {"aminos": empty, "stretch": empty, "codons": zero, "stops": zero, "longest": zero}
     bases = (tokens[:, offset:offset + 3 * n] - 1).reshape(len(tokens), n, 3)
-    table = torch.as_tensor(genetic_code(), device=tokens.device)
     aminos = table[(bases.clamp(min=0) * torch.tensor([16, 4, 1], device=tokens.device)).sum(-1)]
     inside = offset + 3 * torch.arange(1, n + 1, device=tokens.device) <= lengths[:, None]
     aminos = torch.where((bases >= 0).all(-1) & inside, aminos, -2)
