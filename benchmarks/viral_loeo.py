@@ -14,9 +14,9 @@ where it stopped). Prints per-experiment and mean AUC-ROC / PR-AUC per model, pl
 held-out predictions pooled, and writes them with each fit's minutes to oof/viral_loeo[_<name>].json (a
 run with other --models than that file's stops before training unless --overwrite). An
 experiment without a viral contig has no AUC; it still counts in the pooled figure. "served" is stage
-11's rule applied inside each split: the model or mean of models (viral.blend) with the best validation AUC, computed
-within each training experiment and averaged (the validation rows come from the training experiments
-only), scored on the held-out experiment.
+11's rule applied inside each split (choose_served, viral.choose_on): the model or mean of models
+(viral.blend) with the best AUC within each training experiment, averaged, on the training experiments
+only (each scored by fits on the others, or the validation rows), scored on the held-out experiment.
 "fixed_blends": every mean of two or more models, the same for every experiment, with its mean AUC
 (read after the fact: a ceiling, not a rule's score).
 """
@@ -28,7 +28,7 @@ import numpy as np
 from nucleic.config import Paths, config_argparser, config_from_args
 from nucleic.dna_data import read_viral
 from nucleic.dna_tasks import (
-    choose_blend,
+    choose_served,
     fit_and_score,
     grouped_auc,
     scores_where_given,
@@ -79,7 +79,10 @@ def main() -> None:
             pooled[kind][test_idx], rows[f"{experiment}/{kind}"] = result["probs"], row
             print(f"{experiment:22s} {kind:9s} n={len(test_idx):6d} viral={viral:4d} "
                   f"AUC {_show(row['auc'])} PR-AUC {_show(row['pr_auc'])} ({row['minutes']} min)", flush=True)
-        served, _ = choose_blend(labels[val_idx], val_probs, groups[val_idx], blend)
+        served, _ = choose_served(cfg, vc, frame, train_idx, val_idx, val_probs,
+                                  work / f"{experiment}_cross_experiment.pkl")
+        if served is None:  # homology models only: none scores every contig
+            continue
         probs = served_mean([pooled[kind][test_idx] for kind in served], blend)
         pooled["served"][test_idx], rows[f"{experiment}/served"] = probs, _row(labels[test_idx], probs, 0.0)
         rows[f"{experiment}/served"]["models"] = list(served)

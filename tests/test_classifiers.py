@@ -2,6 +2,7 @@
 mutation noise, eq. 11, k-mer features, and smoke stages 10-12."""
 from __future__ import annotations
 
+import collections
 import json
 
 import numpy as np
@@ -30,7 +31,15 @@ from nucleic.dna_tasks import (
     save_feature_model,
 )
 from nucleic.metrics import binary_classification_metrics
-from nucleic.models.classifiers import BothStrands, DanQ, NTClassifier, NucleotideCNN, ViraMiner, reverse_complement
+from nucleic.models.classifiers import (
+    AMINO_ACIDS,
+    BothStrands,
+    DanQ,
+    NTClassifier,
+    NucleotideCNN,
+    ViraMiner,
+    reverse_complement,
+)
 from nucleic.predict import main as predict_main
 
 
@@ -241,16 +250,17 @@ def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepare
     assert load_kernel("11_viral").main(args) == 0
     metrics = json.loads((workspace / "oof" / "viral_metrics.json").read_text())
     assert metrics["auc"] == metrics["results"]["experiment/served"]["auc"]
-    models = ("nt", "danq", "viraminer", "rf", "homology")
+    models = ("nt", "danq", "viraminer", "rf", "homology", "peptides")
     assert sorted(metrics["results"]) == sorted(f"{p}/{m}" for p in ("experiment", "random_split")
                                                 for m in (*models, "served"))
     assert metrics["results"]["experiment/nt"]["n_test"] == metrics["results"]["experiment/rf"]["n_test"]
-    # the homology model abstains on contigs without a neighbour in another experiment: scored where it speaks
+    # the homology models abstain on contigs without a neighbour in another experiment: scored where they speak
     assert 0 <= metrics["results"]["experiment/homology"]["coverage"] < 1
+    assert 0 <= metrics["results"]["experiment/peptides"]["coverage"] < 1
     for figure in ("viral_roc_pr.png", "viral_learning_curves.png", "viral_confusion.png"):
         assert (workspace / "figures" / figure).stat().st_size > 10_000
     served = metrics["served"]["models"]
-    assert served and set(served) <= set(models) and served != ["homology"]
+    assert served and set(served) <= set(models) and set(served) - {"homology", "peptides"}  # one scores every contig
     from nucleic.dna_tasks import weights_suffix
 
     weights = [workspace / "work" / "smoke" / "viral" / f"serve_{k}{weights_suffix(k)}" for k in served]
@@ -413,8 +423,47 @@ def test_a_logit_blend_averages_log_odds_so_a_model_with_squeezed_probabilities_
     stages, fits = keys()
     other_blend = keys("viral.blend=probability", "promoter.blend=logit")
     assert other_blend[1] == fits, "no fit depends on the blend: the cached fits stay"
+    assert keys("viral.choose_on=rows", "viral.models=[rf,peptides]")[1] == fits, "nor on the served rule or models"
     assert other_blend[0][0] != stages[0] and other_blend[0][1] != stages[1], "the stages rerun (from their caches)"
     assert keys("viral.rf.trees=3")[1] != fits
+
+
+def test_the_viral_blend_is_chosen_on_each_experiment_as_fits_on_the_others_score_it(tmp_path):
+    from nucleic.config import ConfigError, load_config
+    from nucleic.dna_tasks import choose_served, cross_experiment_probs
+
+    rng = np.random.default_rng(3)
+    rows = 90
+    labels = np.arange(rows) % 3 == 0
+    sequences = ["".join(rng.choice(list("GGCCAT" if y else "AATTGC"), 60)) for y in labels]
+    frame = pd.DataFrame({"sequence": sequences, "label": labels.astype(int), "group": np.arange(rows) // 30})
+    cfg = load_config("smoke", ["viral.rf.trees=5"])
+    train, val = np.arange(0, rows, 2), np.arange(1, rows, 2)
+    cache = tmp_path / "cross.pkl"
+    probs = cross_experiment_probs(cfg, cfg.viral, ["rf", "homology"], frame, np.arange(rows), cache)
+    for group in range(3):  # each experiment as the forest fitted on the other two scores it
+        mine = np.flatnonzero(frame.group == group)
+        forest = fit_feature_model(cfg, cfg.viral, "rf", frame, np.flatnonzero(frame.group != group))
+        expected = feature_model_proba(forest, feature_spec(cfg.viral.rf), [sequences[i] for i in mine])
+        np.testing.assert_allclose(probs["rf"][mine], expected)
+    assert np.isnan(probs["homology"]).all()  # random 60-mers share no 24-mer: no neighbour, no opinion
+    assert grouped_auc(frame.label.to_numpy(), probs["rf"], frame.group.to_numpy()) > 0.9
+    from nucleic.io_utils import read_pickle, write_pickle
+
+    write_pickle(cache, {**read_pickle(cache), "rf": np.zeros(rows)})  # a cached kind is read, not refitted
+    assert (cross_experiment_probs(cfg, cfg.viral, ["rf"], frame, np.arange(rows), cache)["rf"] == 0).all()
+
+    flawless = {"nt": labels[val].astype(float), "rf": probs["rf"][val]}  # a network that knows these runs
+    on_rows = load_config("smoke", ["viral.choose_on=rows", "viral.rf.trees=5"])
+    assert choose_served(on_rows, on_rows.viral, frame, train, val, flawless, tmp_path / "a.pkl") == (("nt",), 1.0)
+    assert not (tmp_path / "a.pkl").exists()
+    served, auc = choose_served(cfg, cfg.viral, frame, train, val, flawless, tmp_path / "b.pkl")
+    assert served == ("rf",) and auc > 0.9  # networks are no candidates: no fit per experiment
+    pooled = load_config("smoke", ["viral.choose_on=pooled"])
+    with pytest.raises(ConfigError, match="viral.choose_on"):
+        choose_served(pooled, pooled.viral, frame, train, val, flawless, tmp_path / "c.pkl")
+    with pytest.raises(ConfigError, match="needs a feature model"):
+        choose_served(cfg, cfg.viral, frame, train, val, {"nt": flawless["nt"]}, tmp_path / "d.pkl")
 
 
 def test_with_groups_the_blend_is_chosen_for_ranking_inside_each_group_not_for_telling_groups_apart():
@@ -523,16 +572,21 @@ def test_neighbours_skip_low_complexity_kmers_and_with_groups_come_from_the_othe
         SharedKmerNeighbours(sequences, labels, k=16).counts([query], query_groups=["run1"])
 
 
-def brute_force_neighbour_counts(index, queries, self_rows=None, query_groups=None) -> np.ndarray:
-    """SharedKmerNeighbours.counts from its definition: Python sets of k-mer strings, every pair compared."""
+def brute_force_neighbour_counts(index, queries, self_rows=None, query_groups=None, kmers=None) -> np.ndarray:
+    """SharedKmerNeighbours.counts from its definition: Python sets of k-mer strings (kmers(sequence): its
+    nucleotide k-mers by default), every pair compared; a k-mer of more than max_holders rows links nothing."""
     from nucleic.classify import reverse_complement
 
-    def kmers(sequence):
+    def nucleotide_kmers(sequence):
         found = {sequence[i:i + index.k] for i in range(len(sequence) - index.k + 1)}
         share = index.max_base_share
         return {x for x in found if share is None or max(x.count(b) for b in "ACGT") <= share * index.k}
 
+    kmers = kmers or nucleotide_kmers
     rows = [kmers(sequence) for sequence in index.sequences]
+    if index.max_holders is not None:
+        holders = collections.Counter(kmer for row in rows for kmer in row)
+        rows = [{kmer for kmer in row if holders[kmer] <= index.max_holders} for row in rows]
     out = np.zeros((len(queries), 4), dtype=np.float32)
     for q, query in enumerate(queries):
         mine = kmers(query) | (kmers(reverse_complement(query)) if index.both_strands else set())
@@ -547,9 +601,9 @@ def brute_force_neighbour_counts(index, queries, self_rows=None, query_groups=No
     return out
 
 
-@pytest.mark.parametrize("k,both_strands,max_base_share", [(6, False, None), (6, True, 0.6), (8, True, None),
-                                                           (33, True, 0.5), (4, False, 0.5)])
-def test_neighbour_counts_from_integer_codes_equal_the_definition(k, both_strands, max_base_share):
+@pytest.mark.parametrize("k,both_strands,max_base_share,max_holders", [
+    (6, False, None, None), (6, True, 0.6, 3), (8, True, None, None), (33, True, 0.5, 2), (4, False, 0.5, None)])
+def test_neighbour_counts_from_integer_codes_equal_the_definition(k, both_strands, max_base_share, max_holders):
     """The index encodes k-mers of A, C, G, T as integers and keeps any other (N, lower case, U, k > 32) as
     strings; the counts must equal the set definition for every mix, with self rows and groups left out."""
     from nucleic.classify import SharedKmerNeighbours, reverse_complement
@@ -561,7 +615,7 @@ def test_neighbour_counts_from_integer_codes_equal_the_definition(k, both_strand
     sequences += ["A" * 30, "ACGT", "ACGTACGTAC" * 5]
     labels, groups = rng.integers(0, 2, len(sequences)), rng.integers(0, 3, len(sequences))
     index = SharedKmerNeighbours(sequences, labels, k, both_strands=both_strands, max_base_share=max_base_share,
-                                 groups=groups)
+                                 groups=groups, max_holders=max_holders)
     queries = sequences[:20] + [reverse_complement(s) for s in sequences[:10]] + ["GG", ""]
     got = index.counts(queries)
     assert got[:, :2].sum() > 0
@@ -571,6 +625,82 @@ def test_neighbour_counts_from_integer_codes_equal_the_definition(k, both_strand
                                   brute_force_neighbour_counts(index, sequences, self_rows=own))
     np.testing.assert_array_equal(index.counts(sequences, query_groups=groups),
                                   brute_force_neighbour_counts(index, sequences, query_groups=groups))
+
+
+def _reference_peptides(sequence: str, k: int, max_share: float | None) -> set[str]:
+    """SharedPeptideNeighbours' k-mers written plainly: the k-amino-acid windows of the six translated frames
+    that hold no stop (or N), none with more than max_share of one amino acid."""
+    windows = {piece[i:i + k] for frame in _reference_six_frames(sequence) for piece in "".join(frame).split("*")
+               for i in range(len(piece) - k + 1)}
+    return {w for w in windows if "?" not in w and (max_share is None or max(map(w.count, w)) <= max_share * k)}
+
+
+def random_gene(rng, codons: int) -> str:
+    """A stop-free reading frame of random sense codons."""
+    sense = [codon for codon, amino in TEXTBOOK_CODE.items() if amino != "*"]
+    return "".join(rng.choice(sense, codons))
+
+
+@pytest.mark.parametrize("k,max_base_share,max_holders", [(3, None, None), (5, 0.5, 4), (10, None, 2), (14, 0.5, None)])
+def test_peptide_neighbours_are_those_sharing_a_window_of_the_six_translated_frames(k, max_base_share, max_holders):
+    from nucleic.classify import SharedPeptideNeighbours, reverse_complement
+
+    rng = np.random.default_rng(7)
+    base = ["".join(rng.choice(list("ACGT"), rng.integers(0, 90))) for _ in range(30)] + ["GCTGCTGCTGCTGCTGCT"]
+    genes = [random_gene(rng, 20) for _ in range(6)]
+    sequences = base + [g[rng.integers(0, 9):] + "".join(rng.choice(list("ACGT"), 7)) for g in genes] + genes
+    sequences += [reverse_complement(g[3:50]) for g in genes[:3]] + ["AC", "ACGTAAC"]
+    labels, groups = rng.integers(0, 2, len(sequences)), rng.integers(0, 3, len(sequences))
+    index = SharedPeptideNeighbours(sequences, labels, k, max_base_share, groups, max_holders)
+    owners, codes, others = index._kmer_codes(sequences)
+    assert others == [] and codes.dtype == np.uint64
+    for row, sequence in enumerate(sequences):  # the integer codes, read back as letters
+        mine = {"".join(AMINO_ACIDS[int(c) // 21 ** p % 21 - 1] for p in range(k - 1, -1, -1))
+                for c in codes[owners == row]}
+        assert mine == _reference_peptides(sequence, k, max_base_share), row
+
+    def peptides(sequence):
+        return _reference_peptides(sequence, k, max_base_share)
+
+    np.testing.assert_array_equal(index.counts(sequences), brute_force_neighbour_counts(index, sequences, kmers=peptides))
+    own = np.arange(len(sequences))
+    assert index.counts(sequences, self_rows=own)[:, :2].sum() > 0  # rows find neighbours beyond themselves
+    np.testing.assert_array_equal(index.counts(sequences, self_rows=own),
+                                  brute_force_neighbour_counts(index, sequences, self_rows=own, kmers=peptides))
+    np.testing.assert_array_equal(index.counts(sequences, query_groups=groups),
+                                  brute_force_neighbour_counts(index, sequences, query_groups=groups, kmers=peptides))
+
+
+def test_peptide_neighbours_link_a_gene_rewritten_in_other_codons_where_no_nucleotide_kmer_is_shared():
+    import pickle
+
+    from nucleic.classify import SharedKmerNeighbours, SharedPeptideNeighbours, reverse_complement
+
+    rng = np.random.default_rng(8)
+    synonyms = collections.defaultdict(list)
+    for codon, amino in TEXTBOOK_CODE.items():
+        synonyms[amino].append(codon)
+    protein = rng.choice([a for a, codons in synonyms.items() if a != "*" and len(codons) > 1], 40)
+    first, second = ([synonyms[a][i % len(synonyms[a])] for a in protein] for i in (0, 1))  # differ in every codon
+    gene, rewritten = "".join(first), "".join(second)
+    unrelated = random_gene(rng, 40)
+    sequences, labels, groups = [gene, unrelated], [1, 0], ["run1", "run2"]
+    nucleotides = SharedKmerNeighbours(sequences, labels, k=24, both_strands=True)
+    peptides = SharedPeptideNeighbours(sequences, labels, k=10, max_base_share=0.5, groups=groups)
+    query = reverse_complement(rewritten)  # the same protein, other codons, read from the other strand
+    assert nucleotides.counts([query])[0].tolist() == [0, 0, 0, 0]
+    assert peptides.counts([query])[0].tolist() == [1, 0, 31, 0]  # all 31 windows of 10 of the 40 amino acids
+    np.testing.assert_allclose(peptides.proba([query, query, "ACGTACGTAC"], ["run2", "run1", "run2"]),
+                               [1, np.nan, np.nan])  # as a run1 contig it has no neighbour in another run
+    half = gene[:60] + random_gene(rng, 20)  # the protein's first 20 amino acids, then others
+    crowded, shared = (SharedPeptideNeighbours([gene, half, unrelated], [1, 1, 0], k=10, max_holders=h) for h in (1, 2))
+    assert shared.counts([query])[0].tolist() == [2, 0, 31, 0]
+    assert crowded.counts([query])[0].tolist() == [1, 0, 20, 0]  # the 11 windows both hold link nothing
+    copy = pickle.loads(pickle.dumps(crowded))
+    assert type(copy) is SharedPeptideNeighbours and copy.max_holders == 1 and copy._index is None
+    np.testing.assert_array_equal(copy.counts([query]), crowded.counts([query]))
+    with pytest.raises(ValueError, match="peptide length k=15"):
+        SharedPeptideNeighbours(sequences, labels, k=15)
 
 
 def test_a_blend_is_chosen_only_where_it_scores_every_row_so_a_homology_model_serves_beside_another():
@@ -709,17 +839,23 @@ def _pair_frequencies(sequence: str, k: int) -> dict[str, float]:
     return pairs
 
 
+TEXTBOOK_CODE = {a + b + c: "FFLLSSSSYY**CC*WLLLLPPPPHHQQRRRRIIIMTTTTNNKKSSRRVVVVAAAADDEEGGGG"[16 * i + 4 * j + m]
+                 for i, a in enumerate("TCAG") for j, b in enumerate("TCAG") for m, c in enumerate("TCAG")}
+
+
+def _reference_six_frames(sequence: str) -> list[list[str]]:
+    """The six reading frames translated with a codon dictionary: per codon its amino acid, * a stop, ? an N."""
+    from nucleic.classify import reverse_complement as reverse_complement_string
+
+    return [[TEXTBOOK_CODE.get(strand[i:i + 3], "?") for i in range(offset, len(strand) - 2, 3)]
+            for strand in (sequence, reverse_complement_string(sequence)) for offset in range(3)]
+
+
 def _reference_coding_features(sequence: str) -> list[float]:
     """coding_features written plainly: translate six frames with a codon dictionary, split at stops."""
-    from nucleic.classify import reverse_complement as reverse_complement_string
     from nucleic.models.classifiers import AMINO_ACIDS
 
-    bases = "TCAG"
-    table = "FFLLSSSSYY**CC*WLLLLPPPPHHQQRRRRIIIMTTTTNNKKSSRRVVVVAAAADDEEGGGG"
-    code = {a + b + c: table[16 * i + 4 * j + m] for i, a in enumerate(bases) for j, b in enumerate(bases)
-            for m, c in enumerate(bases)}
-    frames = [[code.get(strand[i:i + 3], "?") for i in range(offset, len(strand) - 2, 3)]
-              for strand in (sequence, reverse_complement_string(sequence)) for offset in range(3)]
+    frames = _reference_six_frames(sequence)
     stretches = ["".join(frame).split("*") for frame in frames]
     longest = [max(len(piece) for piece in pieces) for pieces in stretches]
     open_share = sorted((n / len(frame) if frame else 0.0 for n, frame in zip(longest, frames)), reverse=True)

@@ -12,6 +12,7 @@ from .dna_data import DNA_ALPHABET
 from .engine import Trainer, eq11_peak_lr, load_checkpoint, make_adam, seed_torch, to_device, warmup_inverse_sqrt
 from .features import tokenize
 from .models.classifiers import (
+    AMINO_ACIDS,
     CODING_FEATURES,
     BothStrands,
     DanQ,
@@ -21,6 +22,7 @@ from .models.classifiers import (
     WithKmerBranch,
     canonical_kmer_matrix,
     coding_profile,
+    six_frames,
 )
 
 
@@ -306,18 +308,21 @@ class SharedKmerNeighbours:
     read from the other strand (5 % more of the promoter set's rows find a neighbour). max_base_share: a
     k-mer with more than that share of one base (poly-A tails, simple repeats) links nothing. groups (the
     labelled sequences' sequencing experiments): a query given its own group finds neighbours in the other
-    groups only, as a new experiment's contig does. Pickles as its settings, sequences and labels; the
+    groups only, as a new experiment's contig does. max_holders: a k-mer that more labelled sequences hold
+    (a repeat common in the human genome) links nothing. Pickles as its settings, sequences and labels; the
     k-mer index (sorted integer codes) is rebuilt on first use, in about 2 s for the viral bundle."""
 
     def __init__(self, sequences: list[str], labels, k: int, both_strands: bool = False,
-                 max_base_share: float | None = None, groups=None):
+                 max_base_share: float | None = None, groups=None, max_holders: int | None = None):
         self.k, self.sequences, self.both_strands = int(k), list(sequences), bool(both_strands)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.max_base_share = None if max_base_share is None else float(max_base_share)
         self.groups = None if groups is None else np.asarray(groups)
+        self.max_holders = None if max_holders is None else int(max_holders)
         self._index = None
 
-    _STATE = {"both_strands": False, "max_base_share": None, "groups": None}  # the defaults of older pickles
+    _STATE = {"both_strands": False, "max_base_share": None, "groups": None,
+              "max_holders": None}  # the defaults of older pickles
 
     def __getstate__(self) -> dict:
         return {"k": self.k, "sequences": self.sequences, "labels": self.labels,
@@ -389,6 +394,11 @@ class SharedKmerNeighbours:
         by_kmer = collections.defaultdict(set)
         for row, kmer in others:
             by_kmer[kmer].add(row)
+        if self.max_holders is not None:
+            holders = np.unique(codes, return_counts=True)[1]
+            kept = np.repeat(holders <= self.max_holders, holders)
+            rows, codes = rows[kept], codes[kept]
+            by_kmer = {kmer: r for kmer, r in by_kmer.items() if len(r) <= self.max_holders}
         self._index = (codes, rows, {kmer: np.array(sorted(r), dtype=np.int64) for kmer, r in by_kmer.items()})
 
     def _shared(self, sequences: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -444,6 +454,52 @@ class SharedKmerNeighbours:
         counts = self.counts(sequences, query_groups=query_groups)
         found = counts[:, 0] + counts[:, 1]
         return np.where(found > 0, counts[:, 0] / np.maximum(found, 1), np.nan)
+
+
+class SharedPeptideNeighbours(SharedKmerNeighbours):
+    """SharedKmerNeighbours over the proteins the sequences may encode: a k-mer here is a peptide of k amino
+    acids, read in all six frames (stop-free windows only), so two contigs of one virus family link where
+    their DNA has drifted apart at synonymous codons and no nucleotide 24-mer is left in common. Across
+    the viral bundle's experiments at k = 10 it links 2-22 % of a new run's contigs to others, with AUC
+    0.92-1.00 on those (README). max_base_share: a peptide with more than that share of one amino acid
+    (low-complexity repeats) links nothing; max_holders: as in SharedKmerNeighbours (20 skips human repeats
+    that a frame reads as peptides)."""
+
+    MAX_K = 14  # 21 ** k codes (20 amino acids, digit 0 unused) fit in 64 bits
+
+    def __init__(self, sequences: list[str], labels, k: int, max_base_share: float | None = None, groups=None,
+                 max_holders: int | None = None):
+        if not 1 <= int(k) <= self.MAX_K:
+            raise ValueError(f"peptide length k={k}: choose 1..{self.MAX_K}")
+        super().__init__(sequences, labels, k, False, max_base_share, groups, max_holders)
+
+    def _kmer_codes(self, sequences: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
+        """(i, code) for every linking peptide of sequence i (repeats not removed); none is kept as a string."""
+        owners, codes = [np.empty(0, np.int64)], [np.empty(0, np.uint64)]
+        for first in range(0, len(sequences), 4096):
+            chunk = sequences[first:first + 4096]
+            for frame in six_frames(encode_sequences(chunk, max(max(map(len, chunk)), 1))):
+                chunk_owners, chunk_codes = self._frame_peptides(frame["aminos"].numpy())
+                owners.append(chunk_owners + first)
+                codes.append(chunk_codes)
+        return np.concatenate(owners), np.concatenate(codes), []
+
+    def _frame_peptides(self, aminos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, code) of each window of k amino acids in one frame (B, n) that has no stop or N and, with
+        max_base_share, no amino acid above that share; code: the amino acids as base-21 digits 1..20."""
+        k, n = self.k, aminos.shape[1] - self.k + 1
+        if n <= 0:
+            return np.empty(0, np.int64), np.empty(0, np.uint64)
+        links = _window_sums(aminos < 0, k) == 0
+        if self.max_base_share is not None:
+            most = np.max([_window_sums(aminos == a, k) for a in range(len(AMINO_ACIDS))], axis=0)
+            links &= most <= self.max_base_share * k
+        digits = (aminos + 1).clip(min=0).astype(np.uint64)
+        window_codes = np.zeros((len(aminos), n), dtype=np.uint64)
+        for t in range(k):
+            window_codes = window_codes * np.uint64(21) + digits[:, t:t + n]
+        row, position = np.nonzero(links)
+        return row.astype(np.int64), window_codes[row, position]
 
 
 def coding_features(sequences: list[str], batch_size: int = 4096) -> np.ndarray:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .classify import (
     SharedKmerNeighbours,
+    SharedPeptideNeighbours,
     encode_sequences,
     feature_spec,
     fewest_mismatches,
@@ -182,12 +183,17 @@ def promoter_key(cfg: Config) -> dict:
 
 
 def promoter_fits_key(cfg: Config) -> dict:
-    """What stage 10's fitted folds depend on: its key but the blend (how the served mean averages them)."""
-    return _without_blend(promoter_key(cfg), "promoter")
+    """What stage 10's fitted folds depend on: its key but SERVING_KEYS (the blend: how the served mean averages them)."""
+    return _without_serving(promoter_key(cfg), "promoter")
 
 
-def _without_blend(key: dict, section: str) -> dict:
-    return {**key, section: {k: v for k, v in key[section].items() if k != "blend"}}
+SERVING_KEYS = ("blend", "choose_on", "models")  # which fits are served and how: no fit depends on them
+
+
+def _without_serving(key: dict, section: str) -> dict:
+    """The key without SERVING_KEYS: each model's fit is cached under its kind, so adding a model to the
+    list, or another blend or rule, reuses the others' fits."""
+    return {**key, section: {k: v for k, v in key[section].items() if k not in SERVING_KEYS}}
 
 
 def promoter_network_key(cfg: Config) -> dict:
@@ -329,7 +335,7 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
     return {**result, "metrics": scores_where_given(frame.label.to_numpy()[test_idx], result["probs"])}
 
 
-FEATURE_KINDS = ("rf", "linear", "homology")  # no epochs (scikit-learn on sequence_features; neighbours), joblib
+FEATURE_KINDS = ("rf", "linear", "homology", "peptides")  # no epochs (scikit-learn on sequence_features; neighbours), joblib
 
 
 def fit_feature_model_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_idx, scored: list,
@@ -348,8 +354,10 @@ def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, tra
     sequence_features (task_cfg[kind]: ks, ends, globals, positions, boxes; with neighbours = k, also each
     row's SharedKmerNeighbours.features among the other training rows, the index kept as the fitted
     model's neighbours_) and weighing the classes equally; kind "homology", the SharedKmerNeighbours of
-    the training rows (task_cfg.homology: k, both_strands, max_base_share; with other_groups_only, a row
-    of one experiment finds its neighbours in the other experiments only, as a new experiment's would)."""
+    the training rows (task_cfg.homology: k, both_strands, max_base_share, max_holders; with
+    other_groups_only, a row of one experiment finds its neighbours in the other experiments only, as a new
+    experiment's would); kind "peptides", their SharedPeptideNeighbours (task_cfg.peptides: k,
+    max_base_share, max_holders, other_groups_only)."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -357,10 +365,13 @@ def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, tra
 
     settings, sequences = task_cfg[kind], list(frame.sequence.iloc[train_idx])
     labels = frame.label.to_numpy()[train_idx]
-    if kind == "homology":
+    if kind in ("homology", "peptides"):
         groups = frame.group.to_numpy()[train_idx] if settings.get("other_groups_only") else None
+        if kind == "peptides":
+            return SharedPeptideNeighbours(sequences, labels, settings.k, settings.get("max_base_share"), groups,
+                                           settings.get("max_holders"))
         return SharedKmerNeighbours(sequences, labels, settings.k, settings.get("both_strands", False),
-                                    settings.get("max_base_share"), groups)
+                                    settings.get("max_base_share"), groups, settings.get("max_holders"))
     spec = feature_spec(settings)
     features = sequence_features(sequences, spec)
     neighbours = (SharedKmerNeighbours(sequences, labels, spec["neighbours"], spec["neighbours_both_strands"])
@@ -423,6 +434,51 @@ def choose_blend(labels: np.ndarray, val_probs: dict[str, np.ndarray],
     return best, best_auc
 
 
+def choose_served(cfg: Config, vc, frame: pd.DataFrame, train_idx, val_idx, val_probs: dict[str, np.ndarray],
+                  cache: Path) -> tuple[tuple[str, ...], float]:
+    """Stage 11's served models and the AUC they were chosen by (choose_blend within each experiment, viral.blend).
+    viral.choose_on "experiments": on every training row, each feature model's probability from a fit on the
+    other experiments' rows (cross_experiment_probs, cached at `cache`), so the blend is chosen for runs
+    a model never saw, as a user's run will be; the networks, which would need a fit per experiment, are
+    not candidates. "rows": on the validation rows, every model's probability (val_probs) from fits on the
+    same experiments, which rates a model that knows the run too well (README: the rule then chose
+    networks that lowered the held-out AUC)."""
+    groups, labels = frame.group.to_numpy(), frame.label.to_numpy()
+    if vc.choose_on == "rows":
+        return choose_blend(labels[val_idx], val_probs, groups[val_idx], task_blend(vc))
+    if vc.choose_on != "experiments":
+        from .config import ConfigError
+        raise ConfigError(f"config key 'viral.choose_on': expected experiments or rows; got {vc.choose_on!r}")
+    kinds = [kind for kind in val_probs if kind in FEATURE_KINDS]
+    if not kinds:
+        from .config import ConfigError
+        raise ConfigError("config key 'viral.choose_on': experiments needs a feature model (rf, linear) in "
+                          f"viral.models; got {list(val_probs)} (or choose_on: rows)")
+    rows = np.sort(np.concatenate([train_idx, val_idx]))
+    probs = cross_experiment_probs(cfg, vc, kinds, frame, rows, cache)
+    return choose_blend(labels[rows], probs, groups[rows], task_blend(vc))
+
+
+def cross_experiment_probs(cfg: Config, task_cfg, kinds: list[str], frame: pd.DataFrame, rows: np.ndarray,
+                           cache: Path) -> dict[str, np.ndarray]:
+    """For each feature model kind, its probability of each of `rows` from a fit on the rows of the other
+    experiments among them (one fit per experiment; NaN where a homology model has no neighbour). Cached
+    per kind in one pickle (the fitted models are not kept), so a killed run resumes at the next kind."""
+    done = read_cache(cache) or {}
+    groups, sequences = frame.group.to_numpy()[rows], list(frame.sequence.iloc[rows])
+    for kind in kinds:
+        if kind in done:
+            continue
+        probs = np.full(len(rows), np.nan)
+        for group in tqdm(np.unique(groups), desc=f"{kind}: each training experiment from the others", leave=False):
+            mine = np.flatnonzero(groups == group)
+            estimator = fit_feature_model(cfg, task_cfg, kind, frame, rows[groups != group])
+            probs[mine] = feature_model_proba(estimator, feature_spec(task_cfg[kind]), [sequences[i] for i in mine])
+        done[kind] = probs
+        write_pickle(cache, done)
+    return {kind: done[kind] for kind in kinds}
+
+
 def grouped_auc(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None) -> float:
     """AUC-ROC of all rows, or with `groups` the mean of the AUCs within each group that holds both classes."""
     from sklearn.metrics import roc_auc_score
@@ -453,15 +509,16 @@ def viral_key(cfg: Config) -> dict:
 
 
 def viral_fits_key(cfg: Config) -> dict:
-    """What stage 11's fitted models depend on: its key but the blend, so a new blend reruns the stage
-    from its cached fits."""
-    return _without_blend(viral_key(cfg), "viral")
+    """What stage 11's fitted models depend on: its key but the served models, blend and rule, so changing
+    those reruns the stage from its cached fits."""
+    return _without_serving(viral_key(cfg), "viral")
 
 
 def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     """(a) one whole experiment held out, train/validate on the others; (b) a stratified random split
     (viral.protocols). The served model: of every model and every mean of two or more (viral.blend), the one with the
-    best AUC on protocol (a)'s validation rows (within each training experiment, averaged), retrained on
+    best AUC within each training experiment, averaged (choose_served: on each experiment's contigs as models
+    fitted on the other experiments score them, or on protocol (a)'s validation rows), retrained on
     every experiment (10 % kept apart for the best epoch) and written to
     work/<preset>/viral/serve_<kind>.{pt,joblib} for the predict command.
     Class imbalance (~2 % viral): optionally undersampled negatives per epoch (viral.negatives_per_positive),
@@ -493,10 +550,10 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     work = claim_work_dir(paths.run / "viral", viral_fits_key(cfg), force)
     results = {(p, kind): fit_and_score(cfg, vc, kind, frame, *idx, work / f"{p}_{kind}.pkl", device)
                for p, idx in protocols.items() for kind in vc.models}
-    val_idx = protocols["experiment"][1]
     blend = task_blend(vc)
-    served, served_val_auc = choose_blend(labels[val_idx], {k: results[("experiment", k)]["val_probs"]
-                                                            for k in vc.models}, frame.group.to_numpy()[val_idx], blend)
+    served, served_val_auc = choose_served(cfg, vc, frame, *protocols["experiment"][:2],
+                                           {k: results[("experiment", k)]["val_probs"] for k in vc.models},
+                                           work / "experiment_cross_experiment.pkl")
     for p, (_, _, test_idx) in protocols.items():
         probs = served_mean([results[(p, k)]["probs"] for k in served], blend)
         results[(p, "served")] = {"probs": probs, "history": [],
@@ -512,7 +569,8 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     metrics = paths.oof / "viral_metrics.json"
     write_json(metrics, {"auc": headline["auc"], "pr_auc": headline["pr_auc"],
                          "holdout_experiment": vc.holdout_experiment,
-                         "served": {"models": list(served), "blend": blend, "validation_auc": served_val_auc,
+                         "served": {"models": list(served), "blend": blend, "chosen_on": vc.choose_on,
+                                    "validation_auc": served_val_auc,
                                     "weights": [str(served_weights(work, k)) for k in served]},
                          "results": report, "imbalance": _imbalance_note(vc), **artifact_meta(cfg)})
     figures = [paths.figures / "viral_roc_pr.png", paths.figures / "viral_learning_curves.png",

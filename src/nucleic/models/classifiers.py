@@ -226,9 +226,7 @@ def coding_profile(tokens: torch.Tensor) -> torch.Tensor:
     share of stop codons, how many frames run 80 % and 100 % of their length without a stop, then the
     amino-acid composition of the longest stretch (of all that tie for it). A codon holding an N is no
     stop and codes for nothing; the same on either strand."""
-    lengths, table = sequence_lengths(tokens), torch.as_tensor(_GENETIC_CODE, device=tokens.device)
-    frames = [_frame(strand, offset, lengths, table) for strand in (tokens, reverse_complement(tokens))
-              for offset in range(3)]
+    frames = six_frames(tokens)
     codons, stretches = (torch.stack([f[key] for f in frames], 1) for key in ("codons", "longest"))  # (B, 6) each
     open_share = stretches / codons.clamp(min=1)
     stop_share = torch.where(codons > 0, torch.stack([f["stops"] for f in frames], 1) / codons.clamp(min=1), 1.0)
@@ -238,6 +236,14 @@ def coding_profile(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([open_share.sort(dim=1, descending=True).values[:, :2], stop_share.sort(dim=1).values[:, :2],
                       (open_share >= 0.8).sum(dim=1, keepdim=True), (open_share >= 1).sum(dim=1, keepdim=True),
                       composition], dim=1).float()
+
+
+def six_frames(tokens: torch.Tensor) -> list[dict]:
+    """The three reading frames of each strand (the sequence's, then its reverse complement's), each as
+    _frame gives it: per codon, its amino acid (AMINO_ACIDS index; -1 a stop, -2 an N or past the end)."""
+    lengths, table = sequence_lengths(tokens), torch.as_tensor(_GENETIC_CODE, device=tokens.device)
+    return [_frame(strand, offset, lengths, table) for strand in (tokens, reverse_complement(tokens))
+            for offset in range(3)]
 
 
 def _frame(tokens: torch.Tensor, offset: int, lengths: torch.Tensor, table: torch.Tensor) -> dict:
