@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Stage 11: viral vs non-viral contigs; held-out experiment and random split; NT, DanQ, k-mer random forest."""
+"""Stage 11: viral vs non-viral contigs; held-out experiment (and random split); NT, DanQ, ViraMiner CNN, k-mer
+random forest, homology models (nucleotide and peptide); serves the blend chosen across experiments."""
 import sys
 
 from nucleic.stage import run_stage
