@@ -79,13 +79,13 @@ def main() -> None:
             pooled[kind][test_idx], rows[f"{experiment}/{kind}"] = result["probs"], row
             print(f"{experiment:22s} {kind:9s} n={len(test_idx):6d} viral={viral:4d} "
                   f"AUC {_show(row['auc'])} PR-AUC {_show(row['pr_auc'])} ({row['minutes']} min)", flush=True)
-        served, _ = choose_served(cfg, vc, frame, train_idx, val_idx, val_probs,
+        served, chosen_auc = choose_served(cfg, vc, frame, train_idx, val_idx, val_probs,
                                   work / f"{experiment}_cross_experiment.pkl")
         if served is None:  # homology models only: none scores every contig
             continue
         probs = served_mean([pooled[kind][test_idx] for kind in served], blend)
         pooled["served"][test_idx], rows[f"{experiment}/served"] = probs, _row(labels[test_idx], probs, 0.0)
-        rows[f"{experiment}/served"]["models"] = list(served)
+        rows[f"{experiment}/served"].update(models=list(served), chosen_auc=chosen_auc)
         print(f"{experiment:22s} served ({' + '.join(served)}): AUC {_show(rows[f'{experiment}/served']['auc'])}",
               flush=True)
 
