@@ -80,7 +80,7 @@ def main() -> None:
             print(f"{experiment:22s} {kind:9s} n={len(test_idx):6d} viral={viral:4d} "
                   f"AUC {_show(row['auc'])} PR-AUC {_show(row['pr_auc'])} ({row['minutes']} min)", flush=True)
         served, chosen_auc = choose_served(cfg, vc, frame, train_idx, val_idx, val_probs,
-                                  work / f"{experiment}_cross_experiment.pkl")
+                                           work / f"{experiment}_cross_experiment.pkl")
         if served is None:  # homology models only: none scores every contig
             continue
         probs = served_mean([pooled[kind][test_idx] for kind in served], blend)

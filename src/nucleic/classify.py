@@ -460,10 +460,10 @@ class SharedPeptideNeighbours(SharedKmerNeighbours):
     """SharedKmerNeighbours over the proteins the sequences may encode: a k-mer here is a peptide of k amino
     acids, read in all six frames (stop-free windows only), so two contigs of one virus family link where
     their DNA has drifted apart at synonymous codons and no nucleotide 24-mer is left in common. Across
-    the viral bundle's experiments at k = 10 it links 2-22 % of a new run's contigs to others, with AUC
-    0.92-1.00 on those (README). max_base_share: a peptide with more than that share of one amino acid
-    (low-complexity repeats) links nothing; max_holders: as in SharedKmerNeighbours (20 skips human repeats
-    that a frame reads as peptides)."""
+    the viral bundle's experiments at k = 10 it links 2-21 % of a new run's contigs to others' and ranks
+    those at AUC 0.92-1.00, except in one run where it is at chance (README). max_base_share: a peptide
+    with more than that share of one amino acid (low-complexity repeats) links nothing; max_holders: as in
+    SharedKmerNeighbours (20 skips human repeats that a frame reads as peptides)."""
 
     MAX_K = 14  # 21 ** k codes (20 amino acids, digit 0 unused) fit in 64 bits
 
