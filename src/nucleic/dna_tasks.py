@@ -336,6 +336,7 @@ def fit_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_i
 
 
 FEATURE_KINDS = ("rf", "linear", "homology", "peptides")  # no epochs (scikit-learn on sequence_features; neighbours), joblib
+HOMOLOGY_KINDS = ("homology", "peptides")  # of those, the neighbour votes (no sequence_features)
 
 
 def fit_feature_model_and_score(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_idx, scored: list,
@@ -348,7 +349,7 @@ def fit_feature_model_and_score(cfg: Config, task_cfg, kind: str, frame: pd.Data
                                 frame.group.to_numpy()[rows] if with_groups else None) for rows in scored]
 
 
-def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_idx):
+def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, train_idx, features=None):
     """On the train_idx rows: kind "rf", a random forest of task_cfg.rf.trees trees, and kind "linear", a
     logistic regression with L2 strength 1 / task_cfg.linear.C on standardized features, both on
     sequence_features (task_cfg[kind]: ks, ends, globals, positions, boxes; with neighbours = k, also each
@@ -357,7 +358,8 @@ def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, tra
     the training rows (task_cfg.homology: k, both_strands, max_base_share, max_holders; with
     other_groups_only, a row of one experiment finds its neighbours in the other experiments only, as a new
     experiment's would); kind "peptides", their SharedPeptideNeighbours (task_cfg.peptides: k,
-    max_base_share, max_holders, other_groups_only)."""
+    max_base_share, max_holders, other_groups_only). features: the train_idx rows' sequence_features, where
+    already computed."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -365,7 +367,7 @@ def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, tra
 
     settings, sequences = task_cfg[kind], list(frame.sequence.iloc[train_idx])
     labels = frame.label.to_numpy()[train_idx]
-    if kind in ("homology", "peptides"):
+    if kind in HOMOLOGY_KINDS:
         groups = frame.group.to_numpy()[train_idx] if settings.get("other_groups_only") else None
         if kind == "peptides":
             return SharedPeptideNeighbours(sequences, labels, settings.k, settings.get("max_base_share"), groups,
@@ -373,7 +375,7 @@ def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, tra
         return SharedKmerNeighbours(sequences, labels, settings.k, settings.get("both_strands", False),
                                     settings.get("max_base_share"), groups, settings.get("max_holders"))
     spec = feature_spec(settings)
-    features = sequence_features(sequences, spec)
+    features = sequence_features(sequences, spec) if features is None else features
     neighbours = (SharedKmerNeighbours(sequences, labels, spec["neighbours"], spec["neighbours_both_strands"])
                   if spec["neighbours"] else None)
     if neighbours is not None:
@@ -389,12 +391,13 @@ def fit_feature_model(cfg: Config, task_cfg, kind: str, frame: pd.DataFrame, tra
     return estimator
 
 
-def feature_model_proba(estimator, spec: dict, sequences: list[str], groups=None) -> np.ndarray:
+def feature_model_proba(estimator, spec: dict, sequences: list[str], groups=None, features=None) -> np.ndarray:
     """The fitted model's probabilities (a homology model's: NaN where a sequence has no neighbour; with
-    the sequences' groups, neighbours of another group only)."""
+    the sequences' groups, neighbours of another group only). features: the sequences' sequence_features,
+    where already computed."""
     if isinstance(estimator, SharedKmerNeighbours):
         return estimator.proba(sequences, groups)
-    features = sequence_features(sequences, feature_spec(spec))
+    features = sequence_features(sequences, feature_spec(spec)) if features is None else features
     neighbours = getattr(estimator, "neighbours_", None)
     if neighbours is not None:
         features = np.concatenate([features, neighbours.features(sequences)], axis=1)
@@ -443,15 +446,15 @@ def choose_served(cfg: Config, vc, frame: pd.DataFrame, train_idx, val_idx, val_
     not candidates. "rows": on the validation rows, every model's probability (val_probs) from fits on the
     same experiments, which rates a model that knows the run too well (README: the rule then chose
     networks that lowered the held-out AUC)."""
+    from .config import ConfigError
+
     groups, labels = frame.group.to_numpy(), frame.label.to_numpy()
     if vc.choose_on == "rows":
         return choose_blend(labels[val_idx], val_probs, groups[val_idx], task_blend(vc))
     if vc.choose_on != "experiments":
-        from .config import ConfigError
         raise ConfigError(f"config key 'viral.choose_on': expected experiments or rows; got {vc.choose_on!r}")
     kinds = [kind for kind in val_probs if kind in FEATURE_KINDS]
     if not kinds:
-        from .config import ConfigError
         raise ConfigError("config key 'viral.choose_on': experiments needs a feature model (rf, linear) in "
                           f"viral.models; got {list(val_probs)} (or choose_on: rows)")
     rows = np.sort(np.concatenate([train_idx, val_idx]))
@@ -463,17 +466,20 @@ def cross_experiment_probs(cfg: Config, task_cfg, kinds: list[str], frame: pd.Da
                            cache: Path) -> dict[str, np.ndarray]:
     """For each feature model kind, its probability of each of `rows` from a fit on the rows of the other
     experiments among them (one fit per experiment; NaN where a homology model has no neighbour). Cached
-    per kind in one pickle (the fitted models are not kept), so a killed run resumes at the next kind."""
+    per kind in one pickle (the fitted models are not kept), so a killed run resumes at the next kind. A
+    forest's or linear model's features are computed once for all rows, not once per fit."""
     done = read_cache(cache) or {}
     groups, sequences = frame.group.to_numpy()[rows], list(frame.sequence.iloc[rows])
     for kind in kinds:
         if kind in done:
             continue
-        probs = np.full(len(rows), np.nan)
+        spec, probs = feature_spec(task_cfg[kind]), np.full(len(rows), np.nan)
+        table = None if kind in HOMOLOGY_KINDS else sequence_features(sequences, spec)
         for group in tqdm(np.unique(groups), desc=f"{kind}: each training experiment from the others", leave=False):
-            mine = np.flatnonzero(groups == group)
-            estimator = fit_feature_model(cfg, task_cfg, kind, frame, rows[groups != group])
-            probs[mine] = feature_model_proba(estimator, feature_spec(task_cfg[kind]), [sequences[i] for i in mine])
+            mine, other = groups == group, groups != group
+            estimator = fit_feature_model(cfg, task_cfg, kind, frame, rows[other], None if table is None else table[other])
+            probs[mine] = feature_model_proba(estimator, spec, [s for s, m in zip(sequences, mine) if m],
+                                              features=None if table is None else table[mine])
         done[kind] = probs
         write_pickle(cache, done)
     return {kind: done[kind] for kind in kinds}
