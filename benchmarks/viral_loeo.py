@@ -17,6 +17,8 @@ experiment without a viral contig has no AUC; it still counts in the pooled figu
 11's rule applied inside each split (choose_served, viral.choose_on): the model or mean of models
 (viral.blend) with the best AUC within each training experiment, averaged, on the training experiments
 only (each scored by fits on the others, or the validation rows), scored on the held-out experiment.
+With viral.run_context set, "served" is that blend stacked with the held-out experiment's run context
+(fit_run_context: scored as one run), and "blend" the blend alone.
 "fixed_blends": every mean of two or more models, the same for every experiment, with its mean AUC
 (read after the fact: a ceiling, not a rule's score).
 """
@@ -30,6 +32,7 @@ from nucleic.dna_data import read_viral
 from nucleic.dna_tasks import (
     choose_served,
     fit_and_score,
+    fit_run_context,
     grouped_auc,
     scores_where_given,
     served_mean,
@@ -63,7 +66,7 @@ def main() -> None:
     labels, groups = frame.label.to_numpy(), frame.group.to_numpy()
     work = claim_work_dir(Paths(cfg).run / "viral_loeo" / args.name, viral_fits_key(cfg), False)
 
-    rows, pooled = {}, {kind: np.zeros(len(frame)) for kind in [*models, "served"]}
+    rows, pooled = {}, {kind: np.zeros(len(frame)) for kind in [*models, "blend", "served"]}
     blend = task_blend(vc)
     for experiment in sorted(set(groups)):
         test_idx = np.flatnonzero(groups == experiment)
@@ -84,13 +87,19 @@ def main() -> None:
         if served is None:  # homology models only: none scores every contig
             continue
         probs = served_mean([pooled[kind][test_idx] for kind in served], blend)
+        stacker = fit_run_context(cfg, vc, frame, train_idx, val_idx, served, work / f"{experiment}_cross_experiment.pkl")
+        if stacker is not None:  # the held-out experiment scored as one run
+            pooled["blend"][test_idx], rows[f"{experiment}/blend"] = probs, _row(labels[test_idx], probs, 0.0)
+            probs = stacker.proba(probs, list(frame.sequence.iloc[test_idx]))
         pooled["served"][test_idx], rows[f"{experiment}/served"] = probs, _row(labels[test_idx], probs, 0.0)
         rows[f"{experiment}/served"].update(models=list(served), chosen_auc=chosen_auc)
+        if stacker is not None:
+            rows[f"{experiment}/served"].update(run_context=stacker.coefficients())
         print(f"{experiment:22s} served ({' + '.join(served)}): AUC {_show(rows[f'{experiment}/served']['auc'])}",
               flush=True)
 
     summary = {}
-    for kind in [*models, "served"]:
+    for kind in [*models, "blend", "served"]:
         mine = [r for key, r in rows.items() if key.endswith(f"/{kind}") and r["auc"] is not None]
         if not mine:
             continue

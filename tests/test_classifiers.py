@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -252,7 +253,7 @@ def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepare
     assert metrics["auc"] == metrics["results"]["experiment/served"]["auc"]
     models = ("nt", "danq", "viraminer", "rf", "homology", "peptides")
     assert sorted(metrics["results"]) == sorted(f"{p}/{m}" for p in ("experiment", "random_split")
-                                                for m in (*models, "served"))
+                                                for m in (*models, "blend", "served"))
     assert metrics["results"]["experiment/nt"]["n_test"] == metrics["results"]["experiment/rf"]["n_test"]
     # the homology models abstain on contigs without a neighbour in another experiment: scored where they speak
     assert 0 <= metrics["results"]["experiment/homology"]["coverage"] < 1
@@ -265,14 +266,26 @@ def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepare
 
     weights = [workspace / "work" / "smoke" / "viral" / f"serve_{k}{weights_suffix(k)}" for k in served]
     assert all(w.exists() for w in weights), "the served models are trained on every experiment"
+    context = metrics["served"]["run_context"]  # the held-out experiment scored as one run, beside the blend alone
+    assert context["min_run"] == 20 and len(context["coefficients"]) == 4 and Path(context["weights"]).exists()
+    assert metrics["results"]["experiment/blend"]["n_test"] == metrics["results"]["experiment/served"]["n_test"]
     contigs = pd.read_csv(data_dir / "viral" / "exp3_2013_H4.csv", header=None, names=["id", "sequence", "label"])
-    source = tmp_path / "contigs.fa"
-    source.write_text("".join(f">{r.id}\n{r.sequence}\n" for r in contigs.head(4).itertuples()))
-    default, given = tmp_path / "default.csv", tmp_path / "given.csv"
-    assert predict_main(["viral", "--input", str(source), "--output", str(default), *args[:2], *args[4:]]) == 0
-    assert predict_main(["viral", "--input", str(source), "--output", str(given), *args[:2], *args[4:],
-                         "--weights", *map(str, weights)]) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(default), pd.read_csv(given))
+    source, few = tmp_path / "contigs.fa", tmp_path / "few.fa"
+    source.write_text("".join(f">{r.id}\n{r.sequence}\n" for r in contigs.head(300).itertuples()))
+    few.write_text("".join(f">{r.id}\n{r.sequence}\n" for r in contigs.head(4).itertuples()))
+    outputs = {name: tmp_path / f"{name}.csv" for name in ("default", "given", "independent", "few", "few_alone")}
+    for name, extra in (("default", []), ("given", ["--weights", *map(str, weights), context["weights"]]),
+                        ("independent", ["--independent"])):
+        assert predict_main(["viral", "--input", str(source), "--output", str(outputs[name]), *args[:2], *args[4:],
+                             *extra]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(outputs["default"]), pd.read_csv(outputs["given"]))
+    as_run, alone = pd.read_csv(outputs["default"]), pd.read_csv(outputs["independent"])
+    assert (as_run.id == alone.id).all() and not np.allclose(as_run.probability, alone.probability)
+    for name, extra in (("few", []), ("few_alone", ["--independent"])):  # under min_run: each contig alone
+        assert predict_main(["viral", "--input", str(few), "--output", str(outputs[name]), *args[:2], *args[4:],
+                             *extra]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(outputs["few"]), pd.read_csv(outputs["few_alone"]))
+    np.testing.assert_allclose(pd.read_csv(outputs["few"]).probability, alone.probability[:4])
 
 
 @pytest.mark.slow
@@ -464,6 +477,19 @@ def test_the_viral_blend_is_chosen_on_each_experiment_as_fits_on_the_others_scor
         choose_served(pooled, pooled.viral, frame, train, val, flawless, tmp_path / "c.pkl")
     with pytest.raises(ConfigError, match="needs a feature model"):
         choose_served(cfg, cfg.viral, frame, train, val, {"nt": flawless["nt"]}, tmp_path / "d.pkl")
+
+    from nucleic.classify import RunContextStacker
+    from nucleic.dna_tasks import fit_run_context
+
+    # the run context is fitted on the served blend as the fits on the other experiments scored it
+    stacker = fit_run_context(cfg, cfg.viral, frame, train, val, served, tmp_path / "b.pkl")
+    expected = RunContextStacker(10, 0.5, 20, min_run=20).fit(read_pickle(tmp_path / "b.pkl")["rf"], sequences,
+                                                             frame.group.to_numpy(), frame.label.to_numpy())
+    assert stacker.settings() == expected.settings() and stacker.coefficients() == expected.coefficients()
+    off = load_config("smoke", ["viral.run_context=null"])
+    assert fit_run_context(off, off.viral, frame, train, val, served, tmp_path / "b.pkl") is None
+    with pytest.raises(ConfigError, match="viral.run_context.*choose_on: experiments"):
+        fit_run_context(on_rows, on_rows.viral, frame, train, val, ("nt",), tmp_path / "a.pkl")
 
 
 def test_with_groups_the_blend_is_chosen_for_ranking_inside_each_group_not_for_telling_groups_apart():
@@ -701,6 +727,81 @@ def test_peptide_neighbours_link_a_gene_rewritten_in_other_codons_where_no_nucle
     np.testing.assert_array_equal(copy.counts([query]), crowded.counts([query]))
     with pytest.raises(ValueError, match="peptide length k=15"):
         SharedPeptideNeighbours(sequences, labels, k=15)
+
+
+def _reference_run_context(run: list[str], scores: np.ndarray, k: int, max_share, max_holders) -> np.ndarray:
+    """run_context written plainly: each contig's neighbours are the run's other contigs sharing a peptide
+    that at most max_holders contigs of the run hold; the columns z-scored within the run."""
+    peptides = [_reference_peptides(s, k, max_share) for s in run]
+    holders = collections.Counter(p for mine in peptides for p in mine)
+    peptides = [{p for p in mine if max_holders is None or holders[p] <= max_holders} for mine in peptides]
+    rows = []
+    for i, mine in enumerate(peptides):
+        linked = [j for j, theirs in enumerate(peptides) if j != i and mine & theirs]
+        rows.append([np.log1p(len(linked)), max(max(scores[linked]) - scores[i], 0) if linked else 0,
+                     np.mean(scores[linked]) - scores[i] if linked else 0])
+    rows = np.array(rows)
+    return (rows - rows.mean(0)) / (rows.std(0) + 1e-9)
+
+
+def gene_pieces(rng, gene: str, pieces: int, length: int = 90) -> list[str]:
+    """Overlapping reads of one gene, as a run holds several contigs of one virus (or human gene)."""
+    return [gene[start:start + length] for start in rng.integers(0, len(gene) - length + 1, pieces)]
+
+
+@pytest.mark.parametrize("k,max_share,max_holders", [(5, None, None), (10, 0.5, 3)])
+def test_run_context_reads_the_runs_other_contigs_sharing_a_peptide_and_how_they_score(k, max_share, max_holders):
+    from nucleic.classify import reverse_complement, run_context
+
+    rng = np.random.default_rng(11)
+    run = [piece for _ in range(3) for piece in gene_pieces(rng, random_gene(rng, 40), 4)]
+    run += [reverse_complement(run[0]), "ACGTAC"] + ["".join(rng.choice(list("ACGT"), 90)) for _ in range(15)]
+    scores = rng.normal(size=len(run))
+    got = run_context(run, scores, k, max_share, max_holders)
+    assert got.shape == (len(run), 3) and got[4:12, 0].min() > np.median(got[:, 0])  # genes 2 and 3's pieces link
+    np.testing.assert_allclose(got, _reference_run_context(run, scores, k, max_share, max_holders), atol=1e-9)
+    order = rng.permutation(len(run))  # the run's order does not matter
+    np.testing.assert_allclose(run_context([run[i] for i in order], scores[order], k, max_share, max_holders),
+                               got[order], atol=1e-9)
+
+
+def synthetic_run(rng, size: int, viral_genes: int = 4, human_genes: int = 8, noise: float = 2.0):
+    """A run of `size` contigs: a few viruses, each read 4 times (recurring), a few human genes read 3
+    times, the rest human contigs read once; a blend's noisy probability of each."""
+    viral = [p for _ in range(viral_genes) for p in gene_pieces(rng, random_gene(rng, 60), 4)]
+    human = [p for _ in range(human_genes) for p in gene_pieces(rng, random_gene(rng, 60), 3)]
+    human += ["".join(rng.choice(list("ACGT"), 90)) for _ in range(size - len(viral) - len(human))]
+    labels = np.array([1] * len(viral) + [0] * len(human))
+    probs = 1 / (1 + np.exp(-(labels * 1.5 - 3 + rng.normal(0, noise, size))))
+    return viral + human, labels, probs
+
+
+def test_the_run_context_stacker_learns_that_recurring_contigs_are_viral_and_leaves_small_runs_alone(tmp_path):
+    import joblib
+    from sklearn.metrics import roc_auc_score
+
+    from nucleic.classify import RunContextStacker
+
+    rng = np.random.default_rng(12)
+    runs = [synthetic_run(rng, 150) for _ in range(5)]
+    sequences = [s for run in runs[:4] for s in run[0]]
+    labels, probs = (np.concatenate([run[i] for run in runs[:4]]) for i in (1, 2))
+    names = np.repeat(np.arange(4), 150)
+    stacker = RunContextStacker(k=10, max_base_share=0.5, max_holders=20, min_run=50).fit(probs, sequences, names, labels)
+    weights = stacker.coefficients()
+    assert weights["log-odds"] > 0 and weights["linked contigs"] > 0
+    new_run, new_labels, new_probs = runs[4]
+    stacked = stacker.proba(new_probs, new_run)
+    assert roc_auc_score(new_labels, stacked) > roc_auc_score(new_labels, new_probs) + 0.05
+    small = stacker.proba(new_probs[:40], new_run[:40])  # under min_run: the blend as it is
+    np.testing.assert_array_equal(small, new_probs[:40])
+    both = stacker.proba(np.concatenate([new_probs, probs[:150]]), new_run + sequences[:150],
+                         np.repeat(["new", "old"], 150))  # each run scored within itself
+    np.testing.assert_allclose(both, np.concatenate([stacked, stacker.proba(probs[:150], sequences[:150])]))
+    joblib.dump(stacker, tmp_path / "stacker.joblib")
+    np.testing.assert_array_equal(joblib.load(tmp_path / "stacker.joblib").proba(new_probs, new_run), stacked)
+    with pytest.raises(ValueError, match="at least 500 contigs"):
+        RunContextStacker(min_run=500).fit(probs, sequences, names, labels)
 
 
 def test_a_blend_is_chosen_only_where_it_scores_every_row_so_a_homology_model_serves_beside_another():
@@ -972,9 +1073,13 @@ def test_viral_leave_one_experiment_out_benchmark_scores_every_experiment(data_d
         assert set(served["models"]) <= {"viraminer", "rf", "homology"} and served["models"] != ["homology"]
         if served["n_viral"]:
             assert 0 <= served["auc"] <= 1 and report["results"][f"{experiment}/rf"]["auc"] is not None
+        # served: the blend stacked with the held-out run's context (smoke: runs of 20 contigs or more)
+        assert set(served["run_context"]) == {"log-odds", "linked contigs", "best neighbour above",
+                                              "neighbours' mean above"}
+        assert report["results"][f"{experiment}/blend"]["n_test"] == served["n_test"]
         homology = report["results"][f"{experiment}/homology"]  # abstains without a neighbour in another run
         assert 0 <= homology["coverage"] < 1 and "coverage" not in report["results"][f"{experiment}/rf"]
-    assert {"viraminer", "rf", "served"} <= set(report["summary"])
+    assert {"viraminer", "rf", "blend", "served"} <= set(report["summary"])
     assert set(report["fixed_blends"]) == {"viraminer + rf", "viraminer + homology", "rf + homology",
                                            "viraminer + rf + homology"}
     assert all(0 <= auc <= 1 for auc in report["fixed_blends"].values())

@@ -102,13 +102,13 @@ KINDS = {
     "train.grad_clip": "number?", "pretrain.grad_clip": "number?", "train.init_weights": "str?", "train.val_structures": "int?",
     "train.column_weights": "list?", "train.only_folds": "list?",
     "cluster.address": "str?", "cluster.local_workers": "int?", "train.bf16": "bool|auto", "train.channels_last": "bool|auto",
-    "promoter.linear": "dict?",
+    "promoter.linear": "dict?", "viral.run_context": "dict?",
     "*.kmer_branch": "dict?", "*.pos_weight": "number|balanced", "*.negatives_per_positive": "number?", "*.max_rows": "int?",
 }
 MINIMA = {"cluster.local_workers": 1, "train.folds": 2, "train.epochs": 0, "train.batch_size": 1, "train.eval_batch_size": 1,
           "train.eval_every": 1, "train.lr": 0, "pretrain.epochs": 0, "pretrain.batch_size": 1,
           "model.nlayer": 1, "model.d_model": 1, "model.nhead": 1, "semi.pseudo_epochs": 0,
-          "semi.finetune_epochs": 0, "*.folds": 2, "*.epochs": 0, "*.batch_size": 1}
+          "semi.finetune_epochs": 0, "*.folds": 2, "*.epochs": 0, "*.batch_size": 1, "viral.run_context.min_run": 2}
 KIND_NAMES = {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
               "list": "a list", "auto": "auto", "balanced": "balanced", "dict": "a section"}
 

@@ -12,12 +12,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .classify import (
+    RunContextStacker,
     SharedKmerNeighbours,
     SharedPeptideNeighbours,
     encode_sequences,
     feature_spec,
     fewest_mismatches,
     fit_classifier,
+    log_odds,
     model_settings,
     predict_proba,
     save_classifier,
@@ -187,7 +189,7 @@ def promoter_fits_key(cfg: Config) -> dict:
     return _without_serving(promoter_key(cfg), "promoter")
 
 
-SERVING_KEYS = ("blend", "choose_on", "models")  # which fits are served and how: no fit depends on them
+SERVING_KEYS = ("blend", "choose_on", "models", "run_context")  # which fits are served and how: no fit depends on them
 
 
 def _without_serving(key: dict, section: str) -> dict:
@@ -278,14 +280,13 @@ def served_mean(probabilities: list[np.ndarray], blend: str = "probability") -> 
         from .config import ConfigError
         raise ConfigError(f"blend: expected one of {', '.join(BLENDS)}; got {blend!r}")
     stacked = np.stack(probabilities).astype(np.float64)
-    log_odds = blend == "logit" and len(stacked) > 1  # (a model alone is served as it is, unclipped)
-    if log_odds:
-        clipped = np.clip(stacked, BLEND_CLIP, 1 - BLEND_CLIP)
-        stacked = np.log(clipped) - np.log1p(-clipped)
+    in_log_odds = blend == "logit" and len(stacked) > 1  # (a model alone is served as it is, unclipped)
+    if in_log_odds:
+        stacked = log_odds(stacked, BLEND_CLIP)
     with warnings.catch_warnings():  # numpy warns of a row with no probability at all
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(stacked, axis=0)
-    return 1 / (1 + np.exp(-mean)) if log_odds else mean
+    return 1 / (1 + np.exp(-mean)) if in_log_odds else mean
 
 
 def task_blend(section) -> str:
@@ -414,6 +415,16 @@ def save_feature_model(path: Path, kind: str, estimator, spec: dict) -> None:
         joblib.dump({"kind": kind, **feature_spec(spec), "estimator": estimator}, tmp)
 
 
+def save_run_context(path: Path, stacker: RunContextStacker) -> None:
+    """The fitted RunContextStacker, with joblib, as the predict command loads it beside the served models."""
+    import joblib
+
+    from .io_utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        joblib.dump({"kind": RUN_CONTEXT, "estimator": stacker}, tmp)
+
+
 def choose_blend(labels: np.ndarray, val_probs: dict[str, np.ndarray],
                  groups: np.ndarray | None = None, blend: str = "probability") -> tuple[tuple[str, ...], float]:
     """Of every model alone and every mean of two or more (per row, of the models with an opinion:
@@ -483,6 +494,29 @@ def cross_experiment_probs(cfg: Config, task_cfg, kinds: list[str], frame: pd.Da
         done[kind] = probs
         write_pickle(cache, done)
     return {kind: done[kind] for kind in kinds}
+
+
+RUN_CONTEXT = "run_context"  # the kind of stage 11's saved RunContextStacker
+
+
+def fit_run_context(cfg: Config, vc, frame: pd.DataFrame, train_idx, val_idx, served: tuple[str, ...],
+                    cache: Path) -> RunContextStacker | None:
+    """With viral.run_context set: a RunContextStacker over the served blend, fitted on the training rows
+    as fits on the other experiments score them (cross_experiment_probs, the cache choose_served filled),
+    each experiment its own run. None where it is not set."""
+    from .config import ConfigError
+
+    settings = vc.get("run_context")
+    if not settings:
+        return None
+    if vc.choose_on != "experiments" or not set(served) <= set(FEATURE_KINDS):
+        raise ConfigError("config key 'viral.run_context': needs choose_on: experiments (a blend of feature models, "
+                          f"scored on runs they never saw); got choose_on {vc.choose_on!r}, served {list(served)}")
+    rows = np.sort(np.concatenate([train_idx, val_idx]))
+    probs = cross_experiment_probs(cfg, vc, list(served), frame, rows, cache)
+    blend = served_mean([probs[kind] for kind in served], task_blend(vc))
+    stacker = RunContextStacker(**settings)  # (the config's keys: k, max_base_share, max_holders, min_run)
+    return stacker.fit(blend, list(frame.sequence.iloc[rows]), frame.group.to_numpy()[rows], frame.label.to_numpy()[rows])
 
 
 def grouped_auc(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None) -> float:
@@ -560,10 +594,18 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     served, served_val_auc = choose_served(cfg, vc, frame, *protocols["experiment"][:2],
                                            {k: results[("experiment", k)]["val_probs"] for k in vc.models},
                                            work / "experiment_cross_experiment.pkl")
+    stacker = fit_run_context(cfg, vc, frame, *protocols["experiment"][:2], served,
+                              work / "experiment_cross_experiment.pkl")
     for p, (_, _, test_idx) in protocols.items():
         probs = served_mean([results[(p, k)]["probs"] for k in served], blend)
+        if stacker is not None:  # each test experiment scored as one run
+            results[(p, "blend")] = {"probs": probs, "history": [],
+                                     "metrics": binary_classification_metrics(labels[test_idx], probs)}
+            probs = stacker.proba(probs, list(frame.sequence.iloc[test_idx]), frame.group.to_numpy()[test_idx])
         results[(p, "served")] = {"probs": probs, "history": [],
                                   "metrics": binary_classification_metrics(labels[test_idx], probs)}
+    if stacker is not None:
+        save_run_context(work / "serve_run_context.joblib", stacker)
     serve_train, serve_val = stratified_split(everything, labels, vc.validation_fraction, cfg.seed)
     for kind in tqdm(served, desc="served model, every experiment", leave=False):
         fit_and_score(cfg, vc, kind, frame, serve_train, serve_val, serve_val, work / f"serve_{kind}.pkl", device)
@@ -577,7 +619,10 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
                          "holdout_experiment": vc.holdout_experiment,
                          "served": {"models": list(served), "blend": blend, "chosen_on": vc.choose_on,
                                     "validation_auc": served_val_auc,
-                                    "weights": [str(served_weights(work, k)) for k in served]},
+                                    "weights": [str(served_weights(work, k)) for k in served],
+                                    "run_context": None if stacker is None else
+                                    {**stacker.settings(), "coefficients": stacker.coefficients(),
+                                     "weights": str(work / "serve_run_context.joblib")}},
                          "results": report, "imbalance": _imbalance_note(vc), **artifact_meta(cfg)})
     figures = [paths.figures / "viral_roc_pr.png", paths.figures / "viral_learning_curves.png",
                paths.figures / "viral_confusion.png"]

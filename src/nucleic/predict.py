@@ -7,7 +7,8 @@ Input: FASTA, or CSV with a `sequence` column (and `id` or `name`). OpenVaccine:
 U) up to 500 nt, folded on the fly with the preset's 12 structure predictions; the output has one row
 per position (`id_seqpos` + 5 targets), averaged over folds and structures. Classifiers: DNA/RNA
 (ACGT, U read as T) up to the length the model was trained on; the output is `id,probability`.
-A bad record stops with one line naming the file and the record.
+Viral: the input file is scored as one sequencing run where stage 11 serves a run context (--independent:
+each contig alone). A bad record stops with one line naming the file and the record.
 """
 from __future__ import annotations
 
@@ -92,18 +93,23 @@ def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFra
     return predictions_frame(data.ids, mean, [len(s) for s in sequences])
 
 
-def predict_classifier(cfg, records, weights: list[Path], path: Path, device, blend: str = "probability") -> pd.DataFrame:
+def predict_classifier(cfg, records, weights: list[Path], path: Path, device, blend: str = "probability",
+                       one_run: bool = True) -> pd.DataFrame:
     """The served probability of the given models: networks (.pt), random forests, linear and homology
     models (.joblib), all written by stages 10-12. Each kind's files (its CV folds) are averaged, then
     the kinds, as the stage serves them (served_mean with the task's `blend`: a homology model without an
-    opinion is left out).
+    opinion is left out). With a run-context model among them (stage 11's serve_run_context.joblib) and
+    one_run, the sequences are scored as one sequencing run (RunContextStacker; a file of fewer than its
+    min_run sequences keeps the blend).
     Sequences may be as long as the shortest length a network was trained on."""
     from .classify import encode_sequences, load_classifier, predict_proba
     from .dna_data import DNA_ALPHABET
-    from .dna_tasks import feature_model_proba, is_feature_model, served_mean
+    from .dna_tasks import RUN_CONTEXT, feature_model_proba, is_feature_model, served_mean
     from .structures import pairing_probabilities
 
-    feature_models = [load_feature_model(w) for w in weights if is_feature_model(w)]
+    saved = [load_feature_model(w) for w in weights if is_feature_model(w)]
+    feature_models = [model for model in saved if model["kind"] != RUN_CONTEXT]
+    stackers = [model["estimator"] for model in saved if model["kind"] == RUN_CONTEXT]
     models = [load_classifier(w, device) for w in weights if not is_feature_model(w)]
     length = min((trained for _, trained in models), default=MAX_DNA_LENGTH)
     cleaned = clean_records(records, path, DNA_ALPHABET, length)
@@ -119,7 +125,13 @@ def predict_classifier(cfg, records, weights: list[Path], path: Path, device, bl
             per_kind[model.kind].append(predict_proba(model, tokens, device, 256,
                                                       pairs if getattr(model, "structure", False) else None))
     means = [served_mean(probs) for probs in per_kind.values()]  # (a homology model's folds: those with an opinion)
-    return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": served_mean(means, blend)})
+    probability = served_mean(means, blend)
+    if stackers and one_run:
+        probability = stackers[0].proba(probability, sequences)
+        print(f"{path}: {len(sequences)} sequences scored as one sequencing run (run context)" +
+              ("" if len(sequences) >= stackers[0].min_run else
+               f": fewer than {stackers[0].min_run}, so each alone, by the blend") + "; --independent: each alone")
+    return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": probability})
 
 
 def load_feature_model(path: Path) -> dict:
@@ -128,7 +140,8 @@ def load_feature_model(path: Path) -> dict:
     load only ones you trust (your own runs)."""
     import joblib
 
-    from .dna_tasks import FEATURE_KINDS
+    from .classify import RunContextStacker
+    from .dna_tasks import FEATURE_KINDS, RUN_CONTEXT
 
     if not path.exists():
         raise InputError(path, "no such file")
@@ -136,6 +149,8 @@ def load_feature_model(path: Path) -> dict:
         saved = joblib.load(path)
     except Exception as err:  # a truncated or foreign file: one line, not a traceback
         raise InputError(path, f"not a model written by stages 10-12 ({type(err).__name__})") from None
+    if isinstance(saved, dict) and saved.get("kind") == RUN_CONTEXT and isinstance(saved.get("estimator"), RunContextStacker):
+        return saved
     if not isinstance(saved, dict) or saved.get("kind") not in FEATURE_KINDS or "ks" not in saved:
         raise InputError(path, "not a random forest or linear model written by stages 10-12")
     if "forest" in saved:
@@ -160,7 +175,8 @@ def default_weights(cfg, task: str) -> list[Path]:
 
         metrics = Paths(cfg).oof / "viral_metrics.json"
         served = json.loads(metrics.read_text())["served"]["models"] if metrics.exists() else []
-        found = [served_weights(run / "viral", kind) for kind in served]
+        context = json.loads(metrics.read_text())["served"].get("run_context") if metrics.exists() else None
+        found = [served_weights(run / "viral", kind) for kind in served] + ([Path(context["weights"])] if context else [])
         found = found if all(path.exists() for path in found) else []
         stage = "11_viral"
     else:
@@ -184,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="cpu", help="preset the weights were trained with")
     parser.add_argument("--weights", nargs="*", help="checkpoint file(s); default: the preset's trained ones")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--independent", action="store_true",
+                        help="viral: score each contig alone, not the file as one sequencing run (run context)")
     args = parser.parse_args(argv)
     try:
         from .engine import setup_device
@@ -202,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .dna_tasks import task_blend
 
-            frame = predict_classifier(cfg, records, weights, path, device, task_blend(cfg[args.task]))
+            frame = predict_classifier(cfg, records, weights, path, device, task_blend(cfg[args.task]),
+                                       one_run=not args.independent)
         write_csv(args.output, frame)
     except (InputError, ConfigError) as err:
         print(f"ERROR {err}", file=sys.stderr)
