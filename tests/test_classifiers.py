@@ -246,7 +246,7 @@ def prepared_inputs(data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepared_inputs, data_dir, tmp_path):
+def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepared_inputs, data_dir, tmp_path, capsys):
     workspace, args = prepared_inputs
     assert load_kernel("11_viral").main(args) == 0
     metrics = json.loads((workspace / "oof" / "viral_metrics.json").read_text())
@@ -286,6 +286,13 @@ def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepare
                              *extra]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(outputs["few"]), pd.read_csv(outputs["few_alone"]))
     np.testing.assert_allclose(pd.read_csv(outputs["few"]).probability, alone.probability[:4])
+    copy = tmp_path / "serve_run_context_copy.joblib"  # two run contexts: which one? refused
+    copy.write_bytes(Path(context["weights"]).read_bytes())
+    capsys.readouterr()
+    assert predict_main(["viral", "--input", str(source), "--output", str(tmp_path / "two.csv"), *args[:2], *args[4:],
+                         "--weights", *map(str, weights), context["weights"], str(copy)]) == 2
+    assert "serve_run_context_copy.joblib: a second run-context model" in capsys.readouterr().err
+    assert not (tmp_path / "two.csv").exists()
 
 
 @pytest.mark.slow

@@ -511,7 +511,8 @@ def fit_run_context(cfg: Config, vc, frame: pd.DataFrame, train_idx, val_idx, se
         return None
     if vc.choose_on != "experiments" or not set(served) <= set(FEATURE_KINDS):
         raise ConfigError("config key 'viral.run_context': needs choose_on: experiments (a blend of feature models, "
-                          f"scored on runs they never saw); got choose_on {vc.choose_on!r}, served {list(served)}")
+                          f"scored on runs they never saw); got choose_on {vc.choose_on!r}, served {list(served)} "
+                          "(or set viral.run_context=null)")
     rows = np.sort(np.concatenate([train_idx, val_idx]))
     probs = cross_experiment_probs(cfg, vc, list(served), frame, rows, cache)
     blend = served_mean([probs[kind] for kind in served], task_blend(vc))

@@ -107,9 +107,12 @@ def predict_classifier(cfg, records, weights: list[Path], path: Path, device, bl
     from .dna_tasks import RUN_CONTEXT, feature_model_proba, is_feature_model, served_mean
     from .structures import pairing_probabilities
 
-    saved = [load_feature_model(w) for w in weights if is_feature_model(w)]
-    feature_models = [model for model in saved if model["kind"] != RUN_CONTEXT]
-    stackers = [model["estimator"] for model in saved if model["kind"] == RUN_CONTEXT]
+    saved = {w: load_feature_model(w) for w in weights if is_feature_model(w)}
+    feature_models = [model for model in saved.values() if model["kind"] != RUN_CONTEXT]
+    contexts = [w for w, model in saved.items() if model["kind"] == RUN_CONTEXT]
+    if len(contexts) > 1:
+        raise InputError(contexts[1], "a second run-context model among the weights: give one")
+    stacker = saved[contexts[0]]["estimator"] if contexts else None
     models = [load_classifier(w, device) for w in weights if not is_feature_model(w)]
     length = min((trained for _, trained in models), default=MAX_DNA_LENGTH)
     cleaned = clean_records(records, path, DNA_ALPHABET, length)
@@ -126,11 +129,11 @@ def predict_classifier(cfg, records, weights: list[Path], path: Path, device, bl
                                                       pairs if getattr(model, "structure", False) else None))
     means = [served_mean(probs) for probs in per_kind.values()]  # (a homology model's folds: those with an opinion)
     probability = served_mean(means, blend)
-    if stackers and one_run:
-        probability = stackers[0].proba(probability, sequences)
+    if stacker is not None and one_run:
+        probability = stacker.proba(probability, sequences)
         print(f"{path}: {len(sequences)} sequences scored as one sequencing run (run context)" +
-              ("" if len(sequences) >= stackers[0].min_run else
-               f": fewer than {stackers[0].min_run}, so each alone, by the blend") + "; --independent: each alone")
+              ("" if len(sequences) >= stacker.min_run else
+               f": fewer than {stacker.min_run}, so each alone, by the blend") + "; --independent: each alone")
     return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": probability})
 
 
