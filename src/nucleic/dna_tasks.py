@@ -592,11 +592,11 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     results = {(p, kind): fit_and_score(cfg, vc, kind, frame, *idx, work / f"{p}_{kind}.pkl", device)
                for p, idx in protocols.items() for kind in vc.models}
     blend = task_blend(vc)
+    cross_experiment = work / "experiment_cross_experiment.pkl"  # choose_served fills it, fit_run_context reads it
     served, served_val_auc = choose_served(cfg, vc, frame, *protocols["experiment"][:2],
                                            {k: results[("experiment", k)]["val_probs"] for k in vc.models},
-                                           work / "experiment_cross_experiment.pkl")
-    stacker = fit_run_context(cfg, vc, frame, *protocols["experiment"][:2], served,
-                              work / "experiment_cross_experiment.pkl")
+                                           cross_experiment)
+    stacker = fit_run_context(cfg, vc, frame, *protocols["experiment"][:2], served, cross_experiment)
     for p, (_, _, test_idx) in protocols.items():
         probs = served_mean([results[(p, k)]["probs"] for k in served], blend)
         if stacker is not None:  # each test experiment scored as one run

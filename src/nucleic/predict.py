@@ -177,9 +177,10 @@ def default_weights(cfg, task: str) -> list[Path]:
         from .dna_tasks import served_weights
 
         metrics = Paths(cfg).oof / "viral_metrics.json"
-        served = json.loads(metrics.read_text())["served"]["models"] if metrics.exists() else []
-        context = json.loads(metrics.read_text())["served"].get("run_context") if metrics.exists() else None
-        found = [served_weights(run / "viral", kind) for kind in served] + ([Path(context["weights"])] if context else [])
+        served = json.loads(metrics.read_text())["served"] if metrics.exists() else {"models": []}
+        context = served.get("run_context")
+        found = [served_weights(run / "viral", kind) for kind in served["models"]]
+        found += [Path(context["weights"])] if context else []
         found = found if all(path.exists() for path in found) else []
         stage = "11_viral"
     else:
