@@ -268,6 +268,11 @@ def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepare
     assert all(w.exists() for w in weights), "the served models are trained on every experiment"
     context = metrics["served"]["run_context"]  # the held-out experiment scored as one run, beside the blend alone
     assert context["min_run"] == 20 and len(context["coefficients"]) == 4 and Path(context["weights"]).exists()
+    from nucleic.predict import load_feature_model
+
+    served_stacker = load_feature_model(Path(context["weights"]))["estimator"]  # refitted with the held-out run
+    assert context["fitted_on"] == "every experiment" and served_stacker.coefficients() == context["coefficients"]
+    assert context["coefficients"] != context["coefficients_scoring_held_out"]
     assert metrics["results"]["experiment/blend"]["n_test"] == metrics["results"]["experiment/served"]["n_test"]
     contigs = pd.read_csv(data_dir / "viral" / "exp3_2013_H4.csv", header=None, names=["id", "sequence", "label"])
     source, few = tmp_path / "contigs.fa", tmp_path / "few.fa"
@@ -286,6 +291,26 @@ def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepare
                              *extra]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(outputs["few"]), pd.read_csv(outputs["few_alone"]))
     np.testing.assert_allclose(pd.read_csv(outputs["few"]).probability, alone.probability[:4])
+    # a CSV with a run column: each run scored as one (as its own file would be), a run under min_run alone
+    runs = pd.DataFrame({"id": contigs.id[:300], "sequence": contigs.sequence[:300],
+                         "run": ["a"] * 150 + ["b"] * 145 + ["c"] * 5})
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    runs[runs.run == "b"].drop(columns="run").to_csv(tmp_path / "run_b.csv", index=False)
+    for name in ("runs", "run_b"):
+        assert predict_main(["viral", "--input", str(tmp_path / f"{name}.csv"), "--output", str(tmp_path / f"{name}_out.csv"),
+                             *args[:2], *args[4:]]) == 0
+    by_run, run_b = pd.read_csv(tmp_path / "runs_out.csv"), pd.read_csv(tmp_path / "run_b_out.csv")
+    assert list(by_run.columns) == ["id", "run", "probability"] and (by_run.run == runs.run).all()
+    np.testing.assert_allclose(by_run.probability[by_run.run == "b"], run_b.probability)
+    np.testing.assert_allclose(by_run.probability[by_run.run == "c"], alone.probability[295:])
+    assert not np.allclose(by_run.probability[:150], as_run.probability[:150])
+    assert "3 sequencing runs (the 'run' column); in the 1 of fewer than 20" in capsys.readouterr().out
+    runs.loc[7, "run"] = " "
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    assert predict_main(["viral", "--input", str(tmp_path / "runs.csv"), "--output", str(tmp_path / "bad.csv"),
+                         *args[:2], *args[4:]]) == 2
+    assert f"runs.csv: row 9: record '{runs.id[7]}': field 'run': empty" in capsys.readouterr().err
+    assert not (tmp_path / "bad.csv").exists()
     copy = tmp_path / "serve_run_context_copy.joblib"  # two run contexts: which one? refused
     copy.write_bytes(Path(context["weights"]).read_bytes())
     capsys.readouterr()
@@ -493,6 +518,18 @@ def test_the_viral_blend_is_chosen_on_each_experiment_as_fits_on_the_others_scor
     expected = RunContextStacker(10, 0.5, 20, min_run=20).fit(read_pickle(tmp_path / "b.pkl")["rf"], sequences,
                                                              frame.group.to_numpy(), frame.label.to_numpy())
     assert stacker.settings() == expected.settings() and stacker.coefficients() == expected.coefficients()
+    # the served one: refitted with a held-out experiment as one more run, as fits on the training rows score it
+    held_labels = np.arange(30) % 2 == 0
+    held = pd.DataFrame({"sequence": ["".join(rng.choice(list("GGCCAT" if y else "AATTGC"), 60)) for y in held_labels],
+                         "label": held_labels.astype(int), "group": 3})
+    with_held = pd.concat([frame, held], ignore_index=True)
+    held_out, held_probs = np.arange(rows, rows + 30), np.linspace(0.01, 0.99, 30)
+    served_stacker = fit_run_context(cfg, cfg.viral, with_held, train, val, served, tmp_path / "b.pkl",
+                                     (held_out, held_probs))
+    expected = RunContextStacker(10, 0.5, 20, min_run=20).fit(
+        np.concatenate([read_pickle(tmp_path / "b.pkl")["rf"], held_probs]), list(with_held.sequence),
+        with_held.group.to_numpy(), with_held.label.to_numpy())
+    assert served_stacker.coefficients() == expected.coefficients() != stacker.coefficients()
     off = load_config("smoke", ["viral.run_context=null"])
     assert fit_run_context(off, off.viral, frame, train, val, served, tmp_path / "b.pkl") is None
     with pytest.raises(ConfigError, match="viral.run_context.*choose_on: experiments"):

@@ -500,10 +500,12 @@ RUN_CONTEXT = "run_context"  # the kind of stage 11's saved RunContextStacker
 
 
 def fit_run_context(cfg: Config, vc, frame: pd.DataFrame, train_idx, val_idx, served: tuple[str, ...],
-                    cache: Path) -> RunContextStacker | None:
+                    cache: Path, held_out: tuple[np.ndarray, np.ndarray] | None = None) -> RunContextStacker | None:
     """With viral.run_context set: a RunContextStacker over the served blend, fitted on the training rows
     as fits on the other experiments score them (cross_experiment_probs, the cache choose_served filled),
-    each experiment its own run. None where it is not set."""
+    each experiment its own run. held_out: (rows, the blend's probabilities) of an experiment outside the
+    training rows, as the fits on them score it (protocol (a)'s test experiment), fitted on as one more
+    run: the stacker that is served, fitted on every experiment. None where viral.run_context is not set."""
     from .config import ConfigError
 
     settings = vc.get("run_context")
@@ -516,6 +518,8 @@ def fit_run_context(cfg: Config, vc, frame: pd.DataFrame, train_idx, val_idx, se
     rows = np.sort(np.concatenate([train_idx, val_idx]))
     probs = cross_experiment_probs(cfg, vc, list(served), frame, rows, cache)
     blend = served_mean([probs[kind] for kind in served], task_blend(vc))
+    if held_out is not None:
+        rows, blend = np.concatenate([rows, held_out[0]]), np.concatenate([blend, held_out[1]])
     stacker = RunContextStacker(**settings)  # (the config's keys: k, max_base_share, max_holders, min_run)
     return stacker.fit(blend, list(frame.sequence.iloc[rows]), frame.group.to_numpy()[rows], frame.label.to_numpy()[rows])
 
@@ -561,7 +565,9 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     best AUC within each training experiment, averaged (choose_served: on each experiment's contigs as models
     fitted on the other experiments score them, or on protocol (a)'s validation rows), retrained on
     every experiment (10 % kept apart for the best epoch) and written to
-    work/<preset>/viral/serve_<kind>.{pt,joblib} for the predict command.
+    work/<preset>/viral/serve_<kind>.{pt,joblib} for the predict command. With viral.run_context, the held-out
+    experiment is scored by a stacker fitted on the training experiments; the one served
+    (serve_run_context.joblib) is refitted with the held-out experiment as one more run.
     Class imbalance (~2 % viral): optionally undersampled negatives per epoch (viral.negatives_per_positive),
     positives weighted by negatives/positives in the BCE loss, balanced class weights in the random
     forest, and PR-AUC reported beside AUC-ROC."""
@@ -605,8 +611,11 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
             probs = stacker.proba(probs, list(frame.sequence.iloc[test_idx]), frame.group.to_numpy()[test_idx])
         results[(p, "served")] = {"probs": probs, "history": [],
                                   "metrics": binary_classification_metrics(labels[test_idx], probs)}
-    if stacker is not None:
-        save_run_context(work / "serve_run_context.joblib", stacker)
+    serving_stacker = None if stacker is None else fit_run_context(  # refitted with the held-out experiment too
+        cfg, vc, frame, *protocols["experiment"][:2], served, cross_experiment,
+        (held_out, results[("experiment", "blend")]["probs"]))
+    if serving_stacker is not None:
+        save_run_context(work / "serve_run_context.joblib", serving_stacker)
     serve_train, serve_val = stratified_split(everything, labels, vc.validation_fraction, cfg.seed)
     for kind in tqdm(served, desc="served model, every experiment", leave=False):
         fit_and_score(cfg, vc, kind, frame, serve_train, serve_val, serve_val, work / f"serve_{kind}.pkl", device)
@@ -622,7 +631,9 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
                                     "validation_auc": served_val_auc,
                                     "weights": [str(served_weights(work, k)) for k in served],
                                     "run_context": None if stacker is None else
-                                    {**stacker.settings(), "coefficients": stacker.coefficients(),
+                                    {**stacker.settings(), "coefficients": serving_stacker.coefficients(),
+                                     "fitted_on": "every experiment",
+                                     "coefficients_scoring_held_out": stacker.coefficients(),
                                      "weights": str(work / "serve_run_context.joblib")}},
                          "results": report, "imbalance": _imbalance_note(vc), **artifact_meta(cfg)})
     figures = [paths.figures / "viral_roc_pr.png", paths.figures / "viral_learning_curves.png",

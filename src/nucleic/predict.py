@@ -7,8 +7,9 @@ Input: FASTA, or CSV with a `sequence` column (and `id` or `name`). OpenVaccine:
 U) up to 500 nt, folded on the fly with the preset's 12 structure predictions; the output has one row
 per position (`id_seqpos` + 5 targets), averaged over folds and structures. Classifiers: DNA/RNA
 (ACGT, U read as T) up to the length the model was trained on; the output is `id,probability`.
-Viral: the input file is scored as one sequencing run where stage 11 serves a run context (--independent:
-each contig alone). A bad record stops with one line naming the file and the record.
+Viral: the input file is scored as one sequencing run where stage 11 serves a run context, or run by run
+where a CSV has a `run` column (--independent: each contig alone). A bad record stops with one line naming
+the file and the record.
 """
 from __future__ import annotations
 
@@ -32,20 +33,28 @@ MAX_DNA_LENGTH = 100_000  # random forests only: k-mer counts take any length
 TASKS = ("openvaccine", "promoter", "viral", "mirna")
 
 
-def read_records(path: Path) -> list[tuple[str, str]]:
-    """(id, raw sequence) from a FASTA file or a CSV with a `sequence` column."""
+def read_records(path: Path) -> tuple[list[tuple[str, str]], list[str] | None]:
+    """(id, raw sequence) from a FASTA file or a CSV with a `sequence` column; and each record's sequencing
+    run where the CSV has a `run` column (viral: each run scored as one), else None."""
     text = read_text(path)
     if text.lstrip().startswith(">"):
         from Bio import SeqIO
 
         return [(record.id or f"record{n}", str(record.seq))
-                for n, record in enumerate(SeqIO.parse(io.StringIO(text), "fasta"), 1)]
+                for n, record in enumerate(SeqIO.parse(io.StringIO(text), "fasta"), 1)], None
     if not text.strip():
         raise InputError(path, "empty file: expected FASTA (>id lines) or CSV with a 'sequence' column")
     rows = list(csv.DictReader(text.splitlines()))
     if not rows or "sequence" not in rows[0]:
         raise InputError(path, "expected FASTA (>id lines) or CSV with a 'sequence' column")
-    return [(row.get("id") or row.get("name") or f"row{n}", row["sequence"] or "") for n, row in enumerate(rows, 2)]
+    records = [(row.get("id") or row.get("name") or f"row{n}", row["sequence"] or "") for n, row in enumerate(rows, 2)]
+    if "run" not in rows[0]:
+        return records, None
+    for n, (row, (name, _)) in enumerate(zip(rows, records), 2):
+        if not (row["run"] or "").strip():
+            raise InputError(path, "empty: give every sequence its sequencing run (or drop the column)", row=n,
+                             field="run", record=name)
+    return records, [row["run"].strip() for row in rows]
 
 
 def clean_records(records, path: Path, alphabet: str, max_length: int, min_length: int = 1) -> list[tuple[str, str]]:
@@ -94,13 +103,14 @@ def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFra
 
 
 def predict_classifier(cfg, records, weights: list[Path], path: Path, device, blend: str = "probability",
-                       one_run: bool = True) -> pd.DataFrame:
+                       one_run: bool = True, runs: list[str] | None = None) -> pd.DataFrame:
     """The served probability of the given models: networks (.pt), random forests, linear and homology
     models (.joblib), all written by stages 10-12. Each kind's files (its CV folds) are averaged, then
     the kinds, as the stage serves them (served_mean with the task's `blend`: a homology model without an
     opinion is left out). With a run-context model among them (stage 11's serve_run_context.joblib) and
-    one_run, the sequences are scored as one sequencing run (RunContextStacker; a file of fewer than its
-    min_run sequences keeps the blend).
+    one_run, the sequences are scored as one sequencing run, or with `runs` (each record's run) run by run
+    (RunContextStacker; a run of fewer than its min_run sequences keeps the blend). `runs` is written beside
+    the probabilities.
     Sequences may be as long as the shortest length a network was trained on."""
     from .classify import encode_sequences, load_classifier, predict_proba
     from .dna_data import DNA_ALPHABET
@@ -130,11 +140,24 @@ def predict_classifier(cfg, records, weights: list[Path], path: Path, device, bl
     means = [served_mean(probs) for probs in per_kind.values()]  # (a homology model's folds: those with an opinion)
     probability = served_mean(means, blend)
     if stacker is not None and one_run:
-        probability = stacker.proba(probability, sequences)
-        print(f"{path}: {len(sequences)} sequences scored as one sequencing run (run context)" +
-              ("" if len(sequences) >= stacker.min_run else
-               f": fewer than {stacker.min_run}, so each alone, by the blend") + "; --independent: each alone")
-    return pd.DataFrame({"id": [name for name, _ in cleaned], "probability": probability})
+        probability = stacker.proba(probability, sequences, runs)
+        print(run_context_note(path, runs or [""] * len(sequences), stacker.min_run))
+    frame = pd.DataFrame({"id": [name for name, _ in cleaned], "probability": probability})
+    if runs is not None:
+        frame.insert(1, "run", runs)
+    return frame
+
+
+def run_context_note(path: Path, runs: list[str], min_run: int) -> str:
+    """What the run context did to the file: one run, or the `run` column's runs, and which were too small."""
+    sizes = collections.Counter(runs)
+    small = sum(size < min_run for size in sizes.values())
+    scored = ("one sequencing run" if len(sizes) == 1 else f"{len(sizes)} sequencing runs (the 'run' column)")
+    if small == len(sizes) == 1:
+        scored += f": fewer than {min_run}, so each alone, by the blend"
+    elif small:
+        scored += f"; in the {small} of fewer than {min_run}, each sequence alone, by the blend"
+    return f"{path}: {len(runs)} sequences scored with the run context, as {scored}; --independent: each alone"
 
 
 def load_feature_model(path: Path) -> dict:
@@ -215,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.preset, args.overrides)
         device = setup_device(cfg.train)
         path = Path(args.input)
-        records = read_records(path)
+        records, runs = read_records(path)
         weights = [Path(w) for w in args.weights] if args.weights else default_weights(cfg, args.task)
         if args.task == "openvaccine":
             # the deepest layer reads k-mers of k = model.nlayer nucleotides: the shortest RNA it can take
@@ -225,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             from .dna_tasks import task_blend
 
             frame = predict_classifier(cfg, records, weights, path, device, task_blend(cfg[args.task]),
-                                       one_run=not args.independent)
+                                       one_run=not args.independent, runs=runs)
         write_csv(args.output, frame)
     except (InputError, ConfigError) as err:
         print(f"ERROR {err}", file=sys.stderr)
