@@ -847,6 +847,25 @@ def test_the_run_context_stacker_learns_that_recurring_contigs_are_viral_and_lea
     with pytest.raises(ValueError, match="at least 500 contigs"):
         RunContextStacker(min_run=500).fit(probs, sequences, names, labels)
 
+    # runs of 60, 150, 150 and 150 contigs: each run weighs the same in the fit, unless each_run_equal is off
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    kept = np.flatnonzero((names > 0) | (np.arange(600) < 60))
+    uneven = ([sequences[i] for i in kept], names[kept], labels[kept], probs[kept])
+    equal = RunContextStacker(min_run=50).fit(uneven[3], uneven[0], uneven[1], uneven[2])
+    weights = equal.run_weights(uneven[1])
+    assert weights.mean() == pytest.approx(1) and np.allclose([weights[uneven[1] == r].sum() for r in range(4)], 510 / 4)
+    manual = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(
+        equal.features(uneven[3], uneven[0], uneven[1]), uneven[2], logisticregression__sample_weight=weights)
+    np.testing.assert_allclose(equal.model_[-1].coef_, manual[-1].coef_)
+    per_contig = RunContextStacker(min_run=50, each_run_equal=False).fit(uneven[3], uneven[0], uneven[1], uneven[2])
+    assert per_contig.run_weights(uneven[1]) is None and per_contig.coefficients() != equal.coefficients()
+    del equal.__dict__["each_run_equal"]  # a stacker saved before the setting: fitted per contig
+    joblib.dump(equal, tmp_path / "old.joblib")
+    assert joblib.load(tmp_path / "old.joblib").settings()["each_run_equal"] is False
+
 
 def test_a_blend_is_chosen_only_where_it_scores_every_row_so_a_homology_model_serves_beside_another():
     labels = np.array([0, 0, 0, 1, 0, 1, 0, 1])

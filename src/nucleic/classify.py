@@ -541,12 +541,17 @@ class RunContextStacker:
     """A logistic regression over a blend's log-odds and its run_context, for contigs scored as one
     sequencing run: fitted on runs that the blend's models never saw (each training experiment scored by
     fits on the others), so it learns how much a run's own recurrences add to a new run's ranking. A run of
-    fewer than min_run contigs is too small to z-score: it keeps the blend's probabilities."""
+    fewer than min_run contigs is too small to z-score: it keeps the blend's probabilities. each_run_equal:
+    every training run weighs the same in the fit (each contig 1 / its run's size), as each run counts the
+    same in a mean of per-run AUCs; otherwise every contig does, and the largest run decides."""
 
     def __init__(self, k: int = 10, max_base_share: float | None = 0.5, max_holders: int | None = 20,
-                 min_run: int = 200, C: float = 1.0):
+                 min_run: int = 200, C: float = 1.0, each_run_equal: bool = True):
         self.k, self.max_base_share, self.max_holders = int(k), max_base_share, max_holders
-        self.min_run, self.C, self.model_ = int(min_run), float(C), None
+        self.min_run, self.C, self.each_run_equal, self.model_ = int(min_run), float(C), bool(each_run_equal), None
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"each_run_equal": False, **state})  # stackers saved before it: fitted per contig
 
     def features(self, probs: np.ndarray, sequences: list[str], runs: np.ndarray) -> np.ndarray:
         """(N, 4): each contig's log-odds, then run_context within its run."""
@@ -576,8 +581,15 @@ class RunContextStacker:
             raise ValueError(f"run context: the runs of at least {self.min_run} contigs hold one class only")
         table = self.features(np.asarray(probs)[kept], [sequences[i] for i in kept], runs[kept])
         self.model_ = make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=2000))
-        self.model_.fit(table, labels[kept])
+        self.model_.fit(table, labels[kept], logisticregression__sample_weight=self.run_weights(runs[kept]))
         return self
+
+    def run_weights(self, runs: np.ndarray) -> np.ndarray | None:
+        """Each contig's weight in the fit (mean 1): with each_run_equal, every run's weights sum the same."""
+        if not self.each_run_equal:
+            return None
+        _, inverse, sizes = np.unique(runs, return_inverse=True, return_counts=True)
+        return len(runs) / len(sizes) / sizes[inverse]
 
     def proba(self, probs: np.ndarray, sequences: list[str], runs=None) -> np.ndarray:
         """Each run's contigs (runs: each row's run; None: all one run) stacked with their run's context,
@@ -592,7 +604,7 @@ class RunContextStacker:
 
     def settings(self) -> dict:
         return {"k": self.k, "max_base_share": self.max_base_share, "max_holders": self.max_holders,
-                "min_run": self.min_run, "C": self.C}
+                "min_run": self.min_run, "C": self.C, "each_run_equal": self.each_run_equal}
 
     def coefficients(self) -> dict[str, float]:
         """The fitted weights (on standardized inputs), by input name."""
