@@ -520,7 +520,7 @@ def fit_run_context(cfg: Config, vc, frame: pd.DataFrame, train_idx, val_idx, se
     blend = served_mean([probs[kind] for kind in served], task_blend(vc))
     if held_out is not None:
         rows, blend = np.concatenate([rows, held_out[0]]), np.concatenate([blend, held_out[1]])
-    stacker = RunContextStacker(**settings)  # (the config's keys: k, max_base_share, max_holders, min_run)
+    stacker = RunContextStacker(**settings)  # (the config's keys: k, max_base_share, max_holders, min_run, each_run_equal)
     return stacker.fit(blend, list(frame.sequence.iloc[rows]), frame.group.to_numpy()[rows], frame.label.to_numpy()[rows])
 
 
