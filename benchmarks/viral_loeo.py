@@ -18,7 +18,8 @@ experiment without a viral contig has no AUC; it still counts in the pooled figu
 (viral.blend) with the best AUC within each training experiment, averaged, on the training experiments
 only (each scored by fits on the others, or the validation rows), scored on the held-out experiment.
 With viral.run_context set, "served" is that blend stacked with the held-out experiment's run context
-(fit_run_context: scored as one run), and "blend" the blend alone.
+(fit_run_context: scored as one run), and "blend" the blend alone. With viral.contig_mean, "served" then
+scores the segments of one contig together (classify.contig_mean), and "served_by_segment" each alone.
 "fixed_blends": every mean of two or more models, the same for every experiment, with its mean AUC
 (read after the fact: a ceiling, not a rule's score).
 """
@@ -27,6 +28,7 @@ import time
 
 import numpy as np
 
+from nucleic.classify import contig_mean
 from nucleic.config import Paths, config_argparser, config_from_args
 from nucleic.dna_data import read_viral
 from nucleic.dna_tasks import (
@@ -66,7 +68,8 @@ def main() -> None:
     labels, groups = frame.label.to_numpy(), frame.group.to_numpy()
     work = claim_work_dir(Paths(cfg).run / "viral_loeo" / args.name, viral_fits_key(cfg), False)
 
-    rows, pooled = {}, {kind: np.zeros(len(frame)) for kind in [*models, "blend", "served"]}
+    served_kinds = ["blend", "served_by_segment", "served"]
+    rows, pooled = {}, {kind: np.zeros(len(frame)) for kind in [*models, *served_kinds]}
     blend = task_blend(vc)
     for experiment in sorted(set(groups)):
         test_idx = np.flatnonzero(groups == experiment)
@@ -91,6 +94,10 @@ def main() -> None:
         if stacker is not None:  # the held-out experiment scored as one run
             pooled["blend"][test_idx], rows[f"{experiment}/blend"] = probs, _row(labels[test_idx], probs, 0.0)
             probs = stacker.proba(probs, list(frame.sequence.iloc[test_idx]))
+        if vc.get("contig_mean"):  # the segments of one contig scored together
+            pooled["served_by_segment"][test_idx] = probs
+            rows[f"{experiment}/served_by_segment"] = _row(labels[test_idx], probs, 0.0)
+            probs = contig_mean(probs, frame.contig.to_numpy()[test_idx])
         pooled["served"][test_idx], rows[f"{experiment}/served"] = probs, _row(labels[test_idx], probs, 0.0)
         rows[f"{experiment}/served"].update(models=list(served), chosen_auc=chosen_auc)
         if stacker is not None:
@@ -99,7 +106,7 @@ def main() -> None:
               flush=True)
 
     summary = {}
-    for kind in [*models, "blend", "served"]:
+    for kind in [*models, *served_kinds]:
         mine = [r for key, r in rows.items() if key.endswith(f"/{kind}") and r["auc"] is not None]
         if not mine:
             continue

@@ -253,7 +253,8 @@ def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepare
     assert metrics["auc"] == metrics["results"]["experiment/served"]["auc"]
     models = ("nt", "danq", "viraminer", "rf", "homology", "peptides")
     assert sorted(metrics["results"]) == sorted(f"{p}/{m}" for p in ("experiment", "random_split")
-                                                for m in (*models, "blend", "served"))
+                                                for m in (*models, "blend", "served_by_segment", "served"))
+    assert metrics["served"]["contig_mean"] is True  # then the segments of one contig are scored together
     assert metrics["results"]["experiment/nt"]["n_test"] == metrics["results"]["experiment/rf"]["n_test"]
     # the homology models abstain on contigs without a neighbour in another experiment: scored where they speak
     assert 0 <= metrics["results"]["experiment/homology"]["coverage"] < 1
@@ -310,6 +311,33 @@ def test_smoke_viral_stage_reports_every_model_and_serves_the_chosen_one(prepare
     assert predict_main(["viral", "--input", str(tmp_path / "runs.csv"), "--output", str(tmp_path / "bad.csv"),
                          *args[:2], *args[4:]]) == 2
     assert f"runs.csv: row 9: record '{runs.id[7]}': field 'run': empty" in capsys.readouterr().err
+    assert not (tmp_path / "bad.csv").exists()
+    # a contig column: after the run context, the segments of one contig (within one run) share their mean log-odds
+    from nucleic.classify import contig_mean
+
+    runs["run"] = ["a"] * 150 + ["b"] * 145 + ["c"] * 5
+    runs["contig"] = [f"c{i // 3}" for i in range(150)] + [f"c{i // 2}" for i in range(150)]  # c0 in runs a and b
+    runs.to_csv(tmp_path / "contigs.csv", index=False)
+    runs.drop(columns="run").to_csv(tmp_path / "contigs_one_run.csv", index=False)
+    for name, extra in (("contigs", []), ("contigs_one_run", []), ("contigs_alone", ["--independent"])):
+        source_csv = tmp_path / ("contigs_one_run.csv" if name == "contigs_one_run" else "contigs.csv")
+        assert predict_main(["viral", "--input", str(source_csv), "--output", str(tmp_path / f"{name}_out.csv"),
+                             *args[:2], *args[4:], *extra]) == 0
+    by_contig = pd.read_csv(tmp_path / "contigs_out.csv")
+    assert list(by_contig.columns) == ["id", "run", "contig", "probability"]
+    np.testing.assert_allclose(by_contig.probability,
+                               contig_mean(by_run.probability.to_numpy(), runs.run + "/" + runs.contig), rtol=1e-4)
+    one_run = pd.read_csv(tmp_path / "contigs_one_run_out.csv")
+    np.testing.assert_allclose(one_run.probability, contig_mean(as_run.probability.to_numpy(), runs.contig), rtol=1e-4)
+    assert not np.allclose(one_run.probability, as_run.probability)
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "contigs_alone_out.csv").probability, alone.probability)
+    printed = capsys.readouterr().out
+    assert "each of 126 contigs scored together" in printed and "each of 75 contigs scored together" in printed
+    runs.loc[4, "contig"] = ""
+    runs.to_csv(tmp_path / "contigs.csv", index=False)
+    assert predict_main(["viral", "--input", str(tmp_path / "contigs.csv"), "--output", str(tmp_path / "bad.csv"),
+                         *args[:2], *args[4:]]) == 2
+    assert f"contigs.csv: row 6: record '{runs.id[4]}': field 'contig': empty" in capsys.readouterr().err
     assert not (tmp_path / "bad.csv").exists()
     copy = tmp_path / "serve_run_context_copy.joblib"  # two run contexts: which one? refused
     copy.write_bytes(Path(context["weights"]).read_bytes())
@@ -771,6 +799,20 @@ def test_peptide_neighbours_link_a_gene_rewritten_in_other_codons_where_no_nucle
     np.testing.assert_array_equal(copy.counts([query]), crowded.counts([query]))
     with pytest.raises(ValueError, match="peptide length k=15"):
         SharedPeptideNeighbours(sequences, labels, k=15)
+
+
+def test_contig_mean_gives_each_segment_its_contigs_mean_log_odds_and_leaves_one_segment_contigs_alone():
+    from nucleic.classify import contig_mean
+
+    probs = np.array([0.9, 0.2, 1e-9, 0.5, 0.6, 0.999])
+    contigs = ["a", "b", "a", "c", "b", "d"]
+    logit = np.log(probs / (1 - probs))
+    expected = 1 / (1 + np.exp(-np.array([(logit[0] + logit[2]) / 2, (logit[1] + logit[4]) / 2, (logit[0] + logit[2]) / 2,
+                                          logit[3], (logit[1] + logit[4]) / 2, logit[5]])))
+    np.testing.assert_allclose(contig_mean(probs, contigs), expected, rtol=1e-12)
+    np.testing.assert_allclose(contig_mean(probs[[3, 5]], ["c", "d"]), probs[[3, 5]], rtol=1e-12)  # alone: unchanged
+    order = np.array([5, 2, 0, 4, 1, 3])
+    np.testing.assert_allclose(contig_mean(probs[order], [contigs[i] for i in order]), expected[order], rtol=1e-12)
 
 
 def _reference_run_context(run: list[str], scores: np.ndarray, k: int, max_share, max_holders) -> np.ndarray:

@@ -16,6 +16,10 @@ def test_real_files(real_data_dir):
     assert set("".join(promoter.sequence)) == set("ACGT") and (promoter.sequence.str.len() == 81).all()
     viral = read_viral(real_data_dir / "viral")
     assert len(viral) == 25913 and viral.label.sum() == 519 and viral.group.nunique() == 7
+    # the 300-bp segments of one assembled contig: seq<N>_<run tag>, then 1, 2... appended for the later ones
+    assert viral.contig.nunique() == 21241 and (viral.groupby("contig").label.nunique() == 1).all()
+    by_id = viral.set_index("id").contig
+    assert by_id["seq7332_2013_E2_SCC"] == by_id["seq7332_2013_E2_SCC1"] != by_id["seq9228_2013_E2_SCC"]
     mirna = read_mirna(real_data_dir / "mirna")
     assert len(mirna) == 1124 and mirna.label.sum() == 216 + 201
     assert "U" not in "".join(mirna.sequence)
@@ -38,6 +42,13 @@ def write(path, text):
 def test_promoter_reader_rejects_malformed_rows(tmp_path, text, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
         read_promoter(write(tmp_path / "v9d3.csv", text))
+
+
+def test_viral_segments_of_one_contig_share_it_within_their_experiment_only(tmp_path):
+    write(tmp_path / "viral" / "exp1_a.csv", "seq7_2011_A,ACGT,1\nseq7_2011_A1,ACGA,1\nseq8_2011_A,ACGG,0\nodd,AC,0\n")
+    write(tmp_path / "viral" / "exp2_b.csv", "seq7_2012_B,ACGT,0\n")
+    contigs = read_viral(tmp_path / "viral").contig.tolist()
+    assert contigs == ["exp1_a:seq7", "exp1_a:seq7", "exp1_a:seq8", "exp1_a:odd", "exp2_b:seq7"]
 
 
 def test_viral_and_mirna_readers_name_file_and_row(tmp_path):

@@ -513,6 +513,18 @@ def log_odds(probs: np.ndarray, clip: float = 1e-3) -> np.ndarray:
     return np.log(clipped) - np.log1p(-clipped)
 
 
+def contig_mean(probs: np.ndarray, contigs) -> np.ndarray:
+    """Each segment's probability replaced by its contig's: the sigmoid of the mean log-odds of the contig's
+    segments. A contig longer than the models' 300-bp segments has one label, and each of its segments is
+    separate evidence of it, so their mean ranks it better than any one segment does (leave one experiment
+    out: 0.8449 -> 0.8558 mean AUC, README). The log-odds are clipped at 1e-12 only, so a one-segment contig keeps its
+    probability."""
+    scores = log_odds(probs, clip=1e-12)
+    _, inverse = np.unique(np.asarray(contigs), return_inverse=True)
+    mean = np.bincount(inverse, scores) / np.bincount(inverse)
+    return 1.0 / (1.0 + np.exp(-mean[inverse]))
+
+
 RUN_CONTEXT_FEATURES = ("linked contigs", "best neighbour above", "neighbours' mean above")
 
 

@@ -15,6 +15,7 @@ from .classify import (
     RunContextStacker,
     SharedKmerNeighbours,
     SharedPeptideNeighbours,
+    contig_mean,
     encode_sequences,
     feature_spec,
     fewest_mismatches,
@@ -189,7 +190,8 @@ def promoter_fits_key(cfg: Config) -> dict:
     return _without_serving(promoter_key(cfg), "promoter")
 
 
-SERVING_KEYS = ("blend", "choose_on", "models", "run_context")  # which fits are served and how: no fit depends on them
+# which fits are served and how: no fit depends on them
+SERVING_KEYS = ("blend", "choose_on", "models", "run_context", "contig_mean")
 
 
 def _without_serving(key: dict, section: str) -> dict:
@@ -567,7 +569,9 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     every experiment (10 % kept apart for the best epoch) and written to
     work/<preset>/viral/serve_<kind>.{pt,joblib} for the predict command. With viral.run_context, the held-out
     experiment is scored by a stacker fitted on the training experiments; the one served
-    (serve_run_context.joblib) is refitted with the held-out experiment as one more run.
+    (serve_run_context.joblib) is refitted with the held-out experiment as one more run. With
+    viral.contig_mean, the segments of one contig are then scored together (contig_mean; "served_by_segment":
+    each alone).
     Class imbalance (~2 % viral): optionally undersampled negatives per epoch (viral.negatives_per_positive),
     positives weighted by negatives/positives in the BCE loss, balanced class weights in the random
     forest, and PR-AUC reported beside AUC-ROC."""
@@ -609,6 +613,10 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
             results[(p, "blend")] = {"probs": probs, "history": [],
                                      "metrics": binary_classification_metrics(labels[test_idx], probs)}
             probs = stacker.proba(probs, list(frame.sequence.iloc[test_idx]), frame.group.to_numpy()[test_idx])
+        if vc.get("contig_mean"):  # the segments of one contig scored together
+            results[(p, "served_by_segment")] = {"probs": probs, "history": [],
+                                                 "metrics": binary_classification_metrics(labels[test_idx], probs)}
+            probs = contig_mean(probs, frame.contig.to_numpy()[test_idx])
         results[(p, "served")] = {"probs": probs, "history": [],
                                   "metrics": binary_classification_metrics(labels[test_idx], probs)}
     serving_stacker = None if stacker is None else fit_run_context(  # refitted with the held-out experiment too
@@ -628,7 +636,7 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
     write_json(metrics, {"auc": headline["auc"], "pr_auc": headline["pr_auc"],
                          "holdout_experiment": vc.holdout_experiment,
                          "served": {"models": list(served), "blend": blend, "chosen_on": vc.choose_on,
-                                    "validation_auc": served_val_auc,
+                                    "validation_auc": served_val_auc, "contig_mean": bool(vc.get("contig_mean")),
                                     "weights": [str(served_weights(work, k)) for k in served],
                                     "run_context": None if stacker is None else
                                     {**stacker.settings(), "coefficients": serving_stacker.coefficients(),

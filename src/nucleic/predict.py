@@ -8,8 +8,8 @@ U) up to 500 nt, folded on the fly with the preset's 12 structure predictions; t
 per position (`id_seqpos` + 5 targets), averaged over folds and structures. Classifiers: DNA/RNA
 (ACGT, U read as T) up to the length the model was trained on; the output is `id,probability`.
 Viral: the input file is scored as one sequencing run where stage 11 serves a run context, or run by run
-where a CSV has a `run` column (--independent: each contig alone). A bad record stops with one line naming
-the file and the record.
+where a CSV has a `run` column; where it has a `contig` column, the segments of one contig are then scored
+together (--independent: each record alone). A bad record stops with one line naming the file and the record.
 """
 from __future__ import annotations
 
@@ -33,28 +33,35 @@ MAX_DNA_LENGTH = 100_000  # random forests only: k-mer counts take any length
 TASKS = ("openvaccine", "promoter", "viral", "mirna")
 
 
-def read_records(path: Path) -> tuple[list[tuple[str, str]], list[str] | None]:
-    """(id, raw sequence) from a FASTA file or a CSV with a `sequence` column; and each record's sequencing
-    run where the CSV has a `run` column (viral: each run scored as one), else None."""
+GROUPING_COLUMNS = {"run": "its sequencing run", "contig": "the contig it was cut from"}
+
+
+def read_records(path: Path) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """(id, raw sequence) from a FASTA file or a CSV with a `sequence` column; and, where the CSV has them,
+    each record's `run` (viral: each run scored as one) and `contig` (viral: the segments of one contig
+    scored together) as {column: values}."""
     text = read_text(path)
     if text.lstrip().startswith(">"):
         from Bio import SeqIO
 
         return [(record.id or f"record{n}", str(record.seq))
-                for n, record in enumerate(SeqIO.parse(io.StringIO(text), "fasta"), 1)], None
+                for n, record in enumerate(SeqIO.parse(io.StringIO(text), "fasta"), 1)], {}
     if not text.strip():
         raise InputError(path, "empty file: expected FASTA (>id lines) or CSV with a 'sequence' column")
     rows = list(csv.DictReader(text.splitlines()))
     if not rows or "sequence" not in rows[0]:
         raise InputError(path, "expected FASTA (>id lines) or CSV with a 'sequence' column")
     records = [(row.get("id") or row.get("name") or f"row{n}", row["sequence"] or "") for n, row in enumerate(rows, 2)]
-    if "run" not in rows[0]:
-        return records, None
-    for n, (row, (name, _)) in enumerate(zip(rows, records), 2):
-        if not (row["run"] or "").strip():
-            raise InputError(path, "empty: give every sequence its sequencing run (or drop the column)", row=n,
-                             field="run", record=name)
-    return records, [row["run"].strip() for row in rows]
+    groupings = {}
+    for column, what in GROUPING_COLUMNS.items():
+        if column not in rows[0]:
+            continue
+        for n, (row, (name, _)) in enumerate(zip(rows, records), 2):
+            if not (row[column] or "").strip():
+                raise InputError(path, f"empty: give every sequence {what} (or drop the column)", row=n,
+                                 field=column, record=name)
+        groupings[column] = [row[column].strip() for row in rows]
+    return records, groupings
 
 
 def clean_records(records, path: Path, alphabet: str, max_length: int, min_length: int = 1) -> list[tuple[str, str]]:
@@ -103,14 +110,16 @@ def predict_openvaccine(cfg, records, weights: list[Path], device) -> pd.DataFra
 
 
 def predict_classifier(cfg, records, weights: list[Path], path: Path, device, blend: str = "probability",
-                       one_run: bool = True, runs: list[str] | None = None) -> pd.DataFrame:
+                       one_run: bool = True, runs: list[str] | None = None, contigs: list[str] | None = None,
+                       score_contigs: bool = False) -> pd.DataFrame:
     """The served probability of the given models: networks (.pt), random forests, linear and homology
     models (.joblib), all written by stages 10-12. Each kind's files (its CV folds) are averaged, then
     the kinds, as the stage serves them (served_mean with the task's `blend`: a homology model without an
     opinion is left out). With a run-context model among them (stage 11's serve_run_context.joblib) and
     one_run, the sequences are scored as one sequencing run, or with `runs` (each record's run) run by run
-    (RunContextStacker; a run of fewer than its min_run sequences keeps the blend). `runs` is written beside
-    the probabilities.
+    (RunContextStacker; a run of fewer than its min_run sequences keeps the blend). With score_contigs (the
+    task's contig_mean) and one_run, the records of one of `contigs` (within one run) then share their mean
+    log-odds (classify.contig_mean). `runs` and `contigs` are written beside the probabilities.
     Sequences may be as long as the shortest length a network was trained on."""
     from .classify import encode_sequences, load_classifier, predict_proba
     from .dna_data import DNA_ALPHABET
@@ -142,9 +151,16 @@ def predict_classifier(cfg, records, weights: list[Path], path: Path, device, bl
     if stacker is not None and one_run:
         probability = stacker.proba(probability, sequences, runs)
         print(run_context_note(path, runs or [""] * len(sequences), stacker.min_run))
+    if contigs is not None and score_contigs and one_run:
+        from .classify import contig_mean
+
+        keys = contigs if runs is None else [f"{run}\t{contig}" for run, contig in zip(runs, contigs)]
+        probability = contig_mean(probability, keys)
+        print(f"{path}: the segments of each of {len(set(keys))} contigs scored together (the 'contig' column)")
     frame = pd.DataFrame({"id": [name for name, _ in cleaned], "probability": probability})
-    if runs is not None:
-        frame.insert(1, "run", runs)
+    for column, values in (("contig", contigs), ("run", runs)):
+        if values is not None:
+            frame.insert(1, column, values)
     return frame
 
 
@@ -228,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", nargs="*", help="checkpoint file(s); default: the preset's trained ones")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--independent", action="store_true",
-                        help="viral: score each contig alone, not the file as one sequencing run (run context)")
+                        help="viral: score each record alone, not the file as one sequencing run (run context) "
+                             "nor a contig's segments together")
     args = parser.parse_args(argv)
     try:
         from .engine import setup_device
@@ -238,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.preset, args.overrides)
         device = setup_device(cfg.train)
         path = Path(args.input)
-        records, runs = read_records(path)
+        records, groupings = read_records(path)
         weights = [Path(w) for w in args.weights] if args.weights else default_weights(cfg, args.task)
         if args.task == "openvaccine":
             # the deepest layer reads k-mers of k = model.nlayer nucleotides: the shortest RNA it can take
@@ -248,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             from .dna_tasks import task_blend
 
             frame = predict_classifier(cfg, records, weights, path, device, task_blend(cfg[args.task]),
-                                       one_run=not args.independent, runs=runs)
+                                       one_run=not args.independent, runs=groupings.get("run"),
+                                       contigs=groupings.get("contig"),
+                                       score_contigs=bool(cfg[args.task].get("contig_mean")))
         write_csv(args.output, frame)
     except (InputError, ConfigError) as err:
         print(f"ERROR {err}", file=sys.stderr)
