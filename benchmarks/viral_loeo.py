@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 
-from nucleic.classify import contig_mean
 from nucleic.config import Paths, config_argparser, config_from_args
 from nucleic.dna_data import read_viral
 from nucleic.dna_tasks import (
@@ -38,6 +37,7 @@ from nucleic.dna_tasks import (
     grouped_auc,
     scores_where_given,
     served_mean,
+    served_steps,
     stratified_split,
     stratified_subset,
     task_blend,
@@ -89,16 +89,10 @@ def main() -> None:
                                            work / f"{experiment}_cross_experiment.pkl")
         if served is None:  # homology models only: none scores every contig
             continue
-        probs = served_mean([pooled[kind][test_idx] for kind in served], blend)
         stacker = fit_run_context(cfg, vc, frame, train_idx, val_idx, served, work / f"{experiment}_cross_experiment.pkl")
-        if stacker is not None:  # the held-out experiment scored as one run
-            pooled["blend"][test_idx], rows[f"{experiment}/blend"] = probs, _row(labels[test_idx], probs, 0.0)
-            probs = stacker.proba(probs, list(frame.sequence.iloc[test_idx]))
-        if vc.get("contig_mean"):  # the segments of one contig scored together
-            pooled["served_by_segment"][test_idx] = probs
-            rows[f"{experiment}/served_by_segment"] = _row(labels[test_idx], probs, 0.0)
-            probs = contig_mean(probs, frame.contig.to_numpy()[test_idx])
-        pooled["served"][test_idx], rows[f"{experiment}/served"] = probs, _row(labels[test_idx], probs, 0.0)
+        steps = served_steps(vc, stacker, frame, test_idx, served_mean([pooled[kind][test_idx] for kind in served], blend))
+        for kind, probs in steps.items():
+            pooled[kind][test_idx], rows[f"{experiment}/{kind}"] = probs, _row(labels[test_idx], probs, 0.0)
         rows[f"{experiment}/served"].update(models=list(served), chosen_auc=chosen_auc)
         if stacker is not None:
             rows[f"{experiment}/served"].update(run_context=stacker.coefficients())

@@ -501,6 +501,23 @@ def cross_experiment_probs(cfg: Config, task_cfg, kinds: list[str], frame: pd.Da
 RUN_CONTEXT = "run_context"  # the kind of stage 11's saved RunContextStacker
 
 
+def served_steps(vc, stacker: RunContextStacker | None, frame: pd.DataFrame, rows: np.ndarray,
+                 probs: np.ndarray) -> dict[str, np.ndarray]:
+    """The served rule after the blend, applied to the blend's probabilities of `rows`, step by step (stage 11
+    and the leave-one-experiment-out benchmark alike): "blend" where the run context follows (each experiment
+    scored as one run), "served_by_segment" where viral.contig_mean follows (the segments of one contig
+    scored together), and last "served"."""
+    steps = {}
+    if stacker is not None:
+        steps["blend"] = probs
+        probs = stacker.proba(probs, list(frame.sequence.iloc[rows]), frame.group.to_numpy()[rows])
+    if vc.get("contig_mean"):
+        steps["served_by_segment"] = probs
+        probs = contig_mean(probs, frame.contig.to_numpy()[rows])
+    steps["served"] = probs
+    return steps
+
+
 def fit_run_context(cfg: Config, vc, frame: pd.DataFrame, train_idx, val_idx, served: tuple[str, ...],
                     cache: Path, held_out: tuple[np.ndarray, np.ndarray] | None = None) -> RunContextStacker | None:
     """With viral.run_context set: a RunContextStacker over the served blend, fitted on the training rows
@@ -608,16 +625,10 @@ def viral(cfg: Config, force: bool = False) -> tuple[list[Path], dict]:
                                            cross_experiment)
     stacker = fit_run_context(cfg, vc, frame, *protocols["experiment"][:2], served, cross_experiment)
     for p, (_, _, test_idx) in protocols.items():
-        probs = served_mean([results[(p, k)]["probs"] for k in served], blend)
-        if stacker is not None:  # each test experiment scored as one run
-            results[(p, "blend")] = {"probs": probs, "history": [],
-                                     "metrics": binary_classification_metrics(labels[test_idx], probs)}
-            probs = stacker.proba(probs, list(frame.sequence.iloc[test_idx]), frame.group.to_numpy()[test_idx])
-        if vc.get("contig_mean"):  # the segments of one contig scored together
-            results[(p, "served_by_segment")] = {"probs": probs, "history": [],
-                                                 "metrics": binary_classification_metrics(labels[test_idx], probs)}
-            probs = contig_mean(probs, frame.contig.to_numpy()[test_idx])
-        results[(p, "served")] = {"probs": probs, "history": [],
+        steps = served_steps(vc, stacker, frame, test_idx,
+                             served_mean([results[(p, k)]["probs"] for k in served], blend))
+        for kind, probs in steps.items():
+            results[(p, kind)] = {"probs": probs, "history": [],
                                   "metrics": binary_classification_metrics(labels[test_idx], probs)}
     serving_stacker = None if stacker is None else fit_run_context(  # refitted with the held-out experiment too
         cfg, vc, frame, *protocols["experiment"][:2], served, cross_experiment,
