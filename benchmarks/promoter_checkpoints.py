@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """What averaging checkpoints bought stage 10: per CV fold, the held-out metrics of the best single
 validation epoch (fold<f>/best.pt) beside those of the network the stage kept (the mean of the
-promoter.average_top_k best epochs when it validated better, else that same best epoch).
+promoter.average_top_k best epochs when it validated better, else that same best epoch). With
+promoter.seeds >= 2, each side is the mean probability of the fold's networks (fold<f>_seed<m>).
 
     bash run_all.sh --only 10_promoter && python benchmarks/promoter_checkpoints.py
 
@@ -17,7 +18,7 @@ import torch
 
 from nucleic.classify import build_classifier, encode_sequences, load_classifier, model_settings, predict_proba
 from nucleic.config import Paths, config_argparser, config_from_args
-from nucleic.dna_tasks import cv_splits, promoter_frame, promoter_network_key
+from nucleic.dna_tasks import cv_splits, network_members, promoter_frame, promoter_network_key
 from nucleic.engine import read_checkpoint, setup_device
 from nucleic.io_utils import write_json
 from nucleic.metrics import binary_classification_metrics
@@ -41,11 +42,14 @@ def main() -> None:
     stage = json.loads((paths.oof / "promoter_metrics.json").read_text())["models"][pc.model]  # the network's figures
     rows = []
     for fold, (_, test_idx) in enumerate(cv_splits(labels, pc.folds, cfg.seed)):
-        best = build_classifier(pc.model, model_settings(pc, pc.model), tokens.shape[1]).to(device)
-        best.load_state_dict(read_checkpoint(work / f"fold{fold}" / "best.pt", device)["model"])
-        kept, _ = load_classifier(work / f"fold{fold}.pt", device)
-        averaged = any(not torch.equal(a, b) for a, b in zip(best.state_dict().values(), kept.state_dict().values()))
-        single = binary_classification_metrics(labels[test_idx], predict_proba(best, tokens[test_idx], device, 256))
+        best_probs, averaged = [], False
+        for name in network_members(work, fold, pc):  # (with promoter.seeds >= 2, each network of the fold)
+            best = build_classifier(pc.model, model_settings(pc, pc.model), tokens.shape[1]).to(device)
+            best.load_state_dict(read_checkpoint(name / "best.pt", device)["model"])
+            kept, _ = load_classifier(name.with_suffix(".pt"), device)
+            averaged |= any(not torch.equal(a, b) for a, b in zip(best.state_dict().values(), kept.state_dict().values()))
+            best_probs.append(predict_proba(best, tokens[test_idx], device, 256))
+        single = binary_classification_metrics(labels[test_idx], np.mean(best_probs, axis=0))
         rows.append({"fold": fold, "averaged_kept": averaged, "best_epoch": {m: single[m] for m in SHOWN},
                      "stage": {m: stage["per_fold"][fold][m] for m in SHOWN}})
         print(f"fold {fold}: best epoch " + " ".join(f"{m} {single[m]:.4f}" for m in SHOWN) + " | stage's model "

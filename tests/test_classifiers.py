@@ -179,7 +179,7 @@ def test_forest_features_read_the_ends_length_gc_and_the_hairpins_free_energy():
 def test_smoke_promoter_stage_writes_metrics_and_motifs(data_dir, tmp_path):
     workspace = tmp_path / "ws"
     args = ["--preset", "smoke", "--data-dir", str(data_dir), *isolated(workspace), "--set", "train.threads=1",
-            "--set", "promoter.average_top_k=2"]
+            "--set", "promoter.average_top_k=2", "--set", "promoter.seeds=2"]
     assert load_kernel("10_promoter").main(args) == 0  # alone on a fresh workspace: reads --data-dir
     assert not (workspace / "input").exists()
     metrics = json.loads((workspace / "oof" / "promoter_metrics.json").read_text())
@@ -199,6 +199,7 @@ def test_smoke_promoter_stage_writes_metrics_and_motifs(data_dir, tmp_path):
     assert metrics["mcc"] == pytest.approx(np.mean([f["mcc"] for f in served]), abs=1e-3)
     assert sorted(p.name for p in (workspace / "work" / "smoke" / "promoter" / "linear").glob("fold*.joblib")) == [
         f"fold{f}.joblib" for f in range(5)]
+    assert_two_networks_per_fold(workspace / "work" / "smoke" / "promoter" / "nt", oof)
     motifs = pd.read_csv(workspace / "oof" / "promoter_motifs.csv")
     assert list(motifs.columns) == ["kmer", "count", "box", "mismatches"] and len(motifs.kmer[0]) == 7
     assert all(closest_box(k) == (b, m) for k, b, m in zip(motifs.kmer, motifs.box, motifs.mismatches))
@@ -210,6 +211,22 @@ def test_smoke_promoter_stage_writes_metrics_and_motifs(data_dir, tmp_path):
     assert_checkpoint_report_matches_the_stage(data_dir, workspace, metrics)
 
 
+def assert_two_networks_per_fold(work, oof):
+    """promoter.seeds = 2: each fold trains two networks from other seeds, each saved, and the fold's OOF
+    probability is their mean; the predict command's default weights are all ten."""
+    from nucleic.config import load_config
+    from nucleic.io_utils import read_cache
+    from nucleic.predict import default_weights
+
+    assert sorted(p.name for p in work.glob("fold*.pt")) == [f"fold{f}_seed{m}.pt" for f in range(5) for m in (0, 1)]
+    for fold in range(5):
+        members = [read_cache(work / f"fold{fold}_seed{m}.pkl")["probs"] for m in (0, 1)]
+        assert not np.allclose(members[0], members[1]), "the two networks start from other seeds"
+        np.testing.assert_allclose(oof.probability_nt[oof.fold == fold], np.mean(members, axis=0), atol=2e-6)
+    cfg = load_config("smoke", ["promoter.seeds=2", "promoter.average_top_k=2", f"paths.work={work.parents[2]}"])
+    assert sum(p.parent == work for p in default_weights(cfg, "promoter")) == 10
+
+
 def assert_checkpoint_report_matches_the_stage(data_dir, workspace, metrics):
     """benchmarks/promoter_checkpoints.py: the stage's per-fold figures, and the best single epoch's, which
     equal them wherever the stage kept that epoch rather than the mean of the two best."""
@@ -217,8 +234,9 @@ def assert_checkpoint_report_matches_the_stage(data_dir, workspace, metrics):
 
     from conftest import run_script
 
-    proc = run_script([sys.executable, "benchmarks/promoter_checkpoints.py", "--preset", "smoke",
-                       "--set", "promoter.average_top_k=2", *isolated(workspace)], env={"NT_DATA_DIR": str(data_dir)},
+    proc = run_script([sys.executable, "benchmarks/promoter_checkpoints.py", "--preset", "smoke", "--set",
+                       "promoter.average_top_k=2", "--set", "promoter.seeds=2", *isolated(workspace)],
+                      env={"NT_DATA_DIR": str(data_dir)},
                       timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((workspace / "oof" / "promoter_checkpoints.json").read_text())
@@ -230,8 +248,9 @@ def assert_checkpoint_report_matches_the_stage(data_dir, workspace, metrics):
         assert all(-1 <= v <= 1 for v in row["best_epoch"].values())
 
     # settings the stage did not train with: one line naming the folder, no report written over the last one
-    proc = run_script([sys.executable, "benchmarks/promoter_checkpoints.py", "--preset", "smoke",
-                       "--set", "promoter.average_top_k=3", *isolated(workspace)], env={"NT_DATA_DIR": str(data_dir)},
+    proc = run_script([sys.executable, "benchmarks/promoter_checkpoints.py", "--preset", "smoke", "--set",
+                       "promoter.average_top_k=3", "--set", "promoter.seeds=2", *isolated(workspace)],
+                      env={"NT_DATA_DIR": str(data_dir)},
                       timeout=300)
     assert proc.returncode != 0 and "trained with other settings" in proc.stderr.strip().splitlines()[-1]
     assert json.loads((workspace / "oof" / "promoter_checkpoints.json").read_text()) == report

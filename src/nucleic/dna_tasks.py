@@ -49,7 +49,8 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device, split
     """Stratified K-fold CV of task_cfg.model (or the given (training, held-out) splits); fold results
     cached in `work` (resumable). Each fold keeps task_cfg.validation_fraction of its training rows apart
     and scores the held-out fold with the weights of the epoch with the best AUC on them (the rule every
-    classifier follows)."""
+    classifier follows). A network with task_cfg.seeds = n >= 2 is trained n times per fold from other
+    random starts (the same rows), and the fold's probability is their mean."""
     kind = task_cfg.model
     tokens = encode_sequences(list(frame.sequence))
     pairs = structure_input(cfg, kind, frame, tokens.shape[1])
@@ -66,17 +67,18 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device, split
             result = {"probs": probs, "history": [], "motifs": {}}
             write_pickle(cache, result)
         if result is None:
-            fit_idx, watch_idx = stratified_split(train_idx, labels, task_cfg.validation_fraction, cfg.seed + fold)
-            model, history = fit_classifier(kind, model_settings(task_cfg, kind), task_cfg, tokens[fit_idx],
-                                            labels[fit_idx], tokens[watch_idx], labels[watch_idx],
-                                            cfg.seed + fold, device, run_dir=work / f"fold{fold}", desc=f"fold {fold}",
-                                            select_best=True, pairs=_take(pairs, fit_idx),
-                                            val_pairs=_take(pairs, watch_idx))
-            probs = predict_proba(model, tokens[val_idx], device, 256, _take(pairs, val_idx))
-            found = (attention_motifs(model, tokens[val_idx], labels[val_idx], probs, frame.sequence.iloc[val_idx],
-                                      device) if kind == "nt" else {})
-            save_classifier(cache.with_suffix(weights_suffix(kind)), kind, model_settings(task_cfg, kind), tokens.shape[1], model)
-            result = {"probs": probs, "history": history, "motifs": dict(found)}
+            names = network_members(work, fold, task_cfg)
+            members = []
+            for member, name in enumerate(names):  # a one-seed fold is cached as the fold, members each alone
+                found = read_cache(name.with_suffix(".pkl")) if len(names) > 1 else None
+                if found is None:
+                    found = fit_network_member(cfg, task_cfg, frame, tokens, pairs, train_idx, val_idx, fold, member,
+                                               name, device)
+                    if len(names) > 1:
+                        write_pickle(name.with_suffix(".pkl"), found)
+                members.append(found)
+            result = {"probs": np.mean([m["probs"] for m in members], axis=0), "history": members[0]["history"],
+                      "motifs": members[0]["motifs"]}  # (the first member's curve and motifs: each row counted once)
             write_pickle(cache, result)
         folds[val_idx], probabilities[val_idx] = fold, result["probs"]
         per_fold.append({"fold": fold, **scores_where_given(labels[val_idx], result["probs"])})
@@ -85,6 +87,36 @@ def run_cv(cfg: Config, task_cfg, frame: pd.DataFrame, work: Path, device, split
     summary = mean_over_folds(per_fold)
     return {"summary": summary, "per_fold": per_fold, "histories": histories, "motifs": motifs,
             "folds": folds, "probabilities": probabilities}
+
+
+NETWORK_MEMBER_SEED_STEP = 1000  # member m of fold f trains with seed cfg.seed + f + 1000 m (m = 0: the one-seed run's)
+
+
+def network_members(work: Path, fold: int, task_cfg) -> list[Path]:
+    """The folders of a CV fold's networks (task_cfg.seeds of them): work/fold<f> for one, else
+    work/fold<f>_seed<m>; each network's weights lie beside its folder (+ weights suffix)."""
+    seeds = int(task_cfg.get("seeds") or 1)
+    return [work / f"fold{fold}"] if seeds == 1 else [work / f"fold{fold}_seed{m}" for m in range(seeds)]
+
+
+def fit_network_member(cfg: Config, task_cfg, frame: pd.DataFrame, tokens: torch.Tensor, pairs, train_idx, val_idx,
+                       fold: int, member: int, name: Path, device) -> dict:
+    """One network of a CV fold, trained in the folder `name` (resumable) on the fold's training rows less
+    its validation share (the same rows for every member), from seed cfg.seed + fold + 1000 member; its
+    best validated weights are saved to `name` + the weights suffix. Returns its held-out probabilities,
+    history and attention motifs."""
+    kind, labels = task_cfg.model, frame.label.to_numpy()
+    fit_idx, watch_idx = stratified_split(train_idx, labels, task_cfg.validation_fraction, cfg.seed + fold)
+    model, history = fit_classifier(kind, model_settings(task_cfg, kind), task_cfg, tokens[fit_idx],
+                                    labels[fit_idx], tokens[watch_idx], labels[watch_idx],
+                                    cfg.seed + fold + NETWORK_MEMBER_SEED_STEP * member, device, run_dir=name,
+                                    desc=name.name.replace("fold", "fold ").replace("_seed", " seed "),
+                                    select_best=True, pairs=_take(pairs, fit_idx), val_pairs=_take(pairs, watch_idx))
+    probs = predict_proba(model, tokens[val_idx], device, 256, _take(pairs, val_idx))
+    found = (attention_motifs(model, tokens[val_idx], labels[val_idx], probs, frame.sequence.iloc[val_idx], device)
+             if kind == "nt" else {})
+    save_classifier(name.with_suffix(weights_suffix(kind)), kind, model_settings(task_cfg, kind), tokens.shape[1], model)
+    return {"probs": probs, "history": history, "motifs": dict(found)}
 
 
 def where_given(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

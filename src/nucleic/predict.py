@@ -208,7 +208,7 @@ def default_weights(cfg, task: str) -> list[Path]:
     elif task == "promoter":
         from .dna_tasks import promoter_models, weights_suffix
 
-        kinds = promoter_models(cfg)  # as many folds of each: the plain mean is the mean of the models' means
+        kinds = promoter_models(cfg)  # (predict_classifier averages each kind's files apart: folds x seeds)
         per_kind = [sorted((run / "promoter" / kind).glob(f"fold*{weights_suffix(kind)}")) for kind in kinds]
         found = [path for paths in per_kind for path in paths] if all(per_kind) else []
         stage = "10_promoter"
